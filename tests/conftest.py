@@ -1,0 +1,94 @@
+"""Test session fixtures: a real PouchDB Server (separate process) on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pouchdb_server_bin() -> str:
+    local = ROOT / "node_modules" / ".bin" / "pouchdb-server"
+    if local.exists():
+        return str(local)
+    found = shutil.which("pouchdb-server")
+    if not found:
+        pytest.fail("pouchdb-server is not installed: run `make install` (npm ci)")
+    return found
+
+
+class PouchServer:
+    """A PouchDB Server child process the tests can kill and restart."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                pouchdb_server_bin(),
+                "--port", str(self.port),
+                "--host", "127.0.0.1",
+                "--dir", str(self.data_dir),
+                "--config", str(self.data_dir / "config.json"),
+                "--no-stdout-logs",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url, timeout=1) as r:
+                    if json.load(r).get("version"):
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("pouchdb-server did not answer within 30 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def couch_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a PouchDB Server shared by the session; tests use unique database names."""
+    server = PouchServer(tmp_path_factory.mktemp("pouchdb"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def own_couch(tmp_path: Path) -> Iterator[PouchServer]:
+    """A PouchDB Server of this test's own, for tests that kill and restart it."""
+    server = PouchServer(tmp_path / "pouchdb")
+    server.start()
+    yield server
+    server.stop()

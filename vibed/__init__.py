@@ -1,0 +1,1 @@
+"""vibed: Vibe Cloud as one Twisted daemon."""

@@ -1,0 +1,1 @@
+"""Klein routes, one module per API surface."""

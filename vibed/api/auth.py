@@ -1,0 +1,207 @@
+"""``/auth/*``: signup, login, refresh, logout and the agent's DID challenge-response.
+
+Responses that log someone in carry the access token in the JSON body and the refresh token in
+an httpOnly, SameSite=Strict cookie scoped to ``/auth`` (Secure when the public URL is https).
+
+The challenge message the agent signs (Ed25519, signature sent as base64url) is exactly the
+UTF-8 bytes of::
+
+    vibe-auth-v1\\naud:<aud>\\nnonce:<nonce>
+
+with ``aud`` and ``nonce`` as ``GET /auth/challenge`` returned them (see docs/auth.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from vibed.config import Config
+from vibed.errors import BadRequest, TooManyRequests, Unauthorized, install_error_handlers
+from vibed.identity import (
+    IdentityService,
+    LoginFailed,
+    check_password,
+    normalise_email,
+    redact,
+)
+from vibed.keys import b64url_decode, public_from_did_key, verify_ed25519
+from vibed.ratelimit import RateLimiter
+from vibed.sessions import NonceStore, RefreshRejected, RefreshStore, Rotation
+from vibed.tokens import TokenIssuer
+
+from .http import client_address, json_response, read_json_object, require_str
+
+_log = Logger(namespace="vibed.api.auth")
+
+COOKIE = b"vibe_refresh"
+SCOPES = ("data:*", "blob:*")
+LOGIN_FAILED = "The email or password is not right."
+
+
+def challenge_message(aud: str, nonce: str) -> bytes:
+    """The exact bytes an agent signs to answer a challenge."""
+    return f"vibe-auth-v1\naud:{aud}\nnonce:{nonce}".encode()
+
+
+@define(slots=False)
+class AuthAPI:
+    config: Config
+    identities: IdentityService
+    issuer: TokenIssuer
+    refresh: RefreshStore
+    nonces: NonceStore
+    limiter: RateLimiter
+
+    app = Klein()
+    install_error_handlers(app)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _set_cookie(self, request: IRequest, rotation: Rotation) -> None:
+        request.addCookie(
+            COOKIE,
+            rotation.token.encode("ascii"),
+            path=b"/auth",
+            max_age=str(self.config.refresh_ttl).encode("ascii"),
+            httpOnly=True,
+            secure=self.config.secure_cookies,
+            sameSite="strict",
+        )
+
+    def _clear_cookie(self, request: IRequest) -> None:
+        request.addCookie(
+            COOKIE,
+            b"",
+            path=b"/auth",
+            max_age=b"0",
+            httpOnly=True,
+            secure=self.config.secure_cookies,
+            sameSite="strict",
+        )
+
+    def _tokens(self, request: IRequest, idn: str, rotation: Rotation) -> dict[str, Any]:
+        token, exp = self.issuer.issue_access(idn, SCOPES, sid=rotation.family)
+        self._set_cookie(request, rotation)
+        return {
+            "accessToken": token,
+            "tokenType": "Bearer",
+            "expiresIn": self.issuer.ttl,
+            "expiresAt": exp,
+        }
+
+    async def _login_response(
+        self, request: IRequest, doc: dict[str, Any], status: int = 200
+    ) -> bytes:
+        rotation = await self.refresh.create_family(doc["_id"])
+        body = {"identity": redact(doc), **self._tokens(request, doc["_id"], rotation)}
+        return json_response(request, body, status)
+
+    async def _check_limits(self, keys: list[tuple[str, int]]) -> None:
+        waits = [
+            await self.limiter.retry_after(key, limit, self.config.login_window)
+            for key, limit in keys
+        ]
+        worst = max((w for w in waits if w is not None), default=None)
+        if worst is not None:
+            raise TooManyRequests(
+                "Too many failed attempts; wait before trying again.", retry_after=worst
+            )
+
+    # -- routes --------------------------------------------------------------------------
+
+    @app.route("/signup", methods=["POST"])
+    async def signup(self, request: IRequest) -> bytes:
+        body = read_json_object(request)
+        email = normalise_email(body.get("email"))
+        password = check_password(body.get("password"))
+        doc = await self.identities.signup(email, password)
+        _log.info("Identity created: {idn}", idn=doc["_id"])
+        return await self._login_response(request, doc, 201)
+
+    @app.route("/login", methods=["POST"])
+    async def login(self, request: IRequest) -> bytes:
+        body = read_json_object(request)
+        email = normalise_email(body.get("email"))
+        password = body.get("password")
+        if not isinstance(password, str) or not password or len(password) > 1024:
+            raise BadRequest("'password' is required and must be a string.")
+        address = client_address(request, self.config.trusted_proxies)
+        keys = [
+            (f"login:email:{email}", self.config.login_limit_per_email),
+            (f"login:addr:{address}", self.config.login_limit_per_address),
+        ]
+        await self._check_limits(keys)
+        try:
+            doc = await self.identities.login(email, password)
+        except LoginFailed:
+            for key, _limit in keys:
+                await self.limiter.hit(key)
+            raise Unauthorized(LOGIN_FAILED, slug="login-failed") from None
+        return await self._login_response(request, doc)
+
+    @app.route("/refresh", methods=["POST"])
+    async def refresh_token(self, request: IRequest) -> bytes:
+        token = (request.getCookie(COOKIE) or b"").decode("ascii", "replace")
+        if not token:
+            raise Unauthorized("No refresh cookie; log in again.", slug="refresh-failed")
+        try:
+            rotation = await self.refresh.rotate(token)
+        except RefreshRejected as e:
+            _log.info("Refresh refused: {reason}", reason=e.reason)
+            self._clear_cookie(request)
+            raise Unauthorized(
+                "The session has ended; log in again.", slug="refresh-failed"
+            ) from None
+        return json_response(request, self._tokens(request, rotation.idn, rotation))
+
+    @app.route("/logout", methods=["POST"])
+    async def logout(self, request: IRequest) -> bytes:
+        token = (request.getCookie(COOKIE) or b"").decode("ascii", "replace")
+        if token:
+            await self.refresh.revoke(token)
+        self._clear_cookie(request)
+        request.setResponseCode(204)
+        return b""
+
+    @app.route("/challenge", methods=["GET"])
+    async def challenge(self, request: IRequest) -> bytes:
+        issued = await self.nonces.issue()
+        return json_response(
+            request,
+            {"nonce": issued.nonce, "aud": self.config.public_url, "expiresAt": issued.expires_at},
+        )
+
+    @app.route("/response", methods=["POST"])
+    async def response(self, request: IRequest) -> bytes:
+        body = read_json_object(request)
+        did = require_str(body, "did", 200)
+        nonce = require_str(body, "nonce", 200)
+        signature_text = require_str(body, "signature", 200)
+        try:
+            public_key = public_from_did_key(did)
+        except ValueError:
+            raise BadRequest("'did' must be an Ed25519 did:key.") from None
+        try:
+            signature = b64url_decode(signature_text.rstrip("="))
+        except ValueError:
+            raise BadRequest("'signature' must be base64url.") from None
+        address = client_address(request, self.config.trusted_proxies)
+        key = f"challenge:addr:{address}"
+        await self._check_limits([(key, self.config.login_limit_per_address)])
+        refused = Unauthorized("The challenge response was not accepted.", slug="challenge-failed")
+        # Spend the nonce first: whatever happens next, it can never be used again.
+        spent = await self.nonces.consume(nonce)
+        if spent is None:
+            await self.limiter.hit(key)
+            raise refused
+        message = challenge_message(self.config.public_url, nonce)
+        doc = await self.identities.by_did(did)
+        if doc is None or not verify_ed25519(public_key, message, signature):
+            await self.limiter.hit(key)
+            raise refused
+        return await self._login_response(request, doc)

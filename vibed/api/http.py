@@ -1,0 +1,147 @@
+"""HTTP plumbing shared by the API surfaces: strict JSON bodies, responses, the bearer check
+and the client address."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+from vibed.errors import BadRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from vibed.tokens import AccessClaims, InvalidToken, TokenIssuer
+
+AUTH_BODY_LIMIT = 64 * 1024
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # CVE-2017-12635 rode on two parsers disagreeing about a repeated key: refuse them.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """Parse strict JSON: UTF-8, no duplicate keys, no NaN/Infinity. BadRequest otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("The body is not valid UTF-8.", slug="invalid-json") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except _DuplicateKey as e:
+        raise BadRequest(
+            f"Duplicate key {str(e)!r} in the JSON body.", slug="invalid-json"
+        ) from None
+    except RecursionError:
+        raise BadRequest("The JSON body is nested too deeply.", slug="invalid-json") from None
+    except ValueError as e:
+        raise BadRequest(f"The body is not valid JSON: {e}", slug="invalid-json") from None
+
+
+def read_body(request: IRequest, limit: int) -> bytes:
+    length = request.getHeader(b"content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"The body may be at most {limit} bytes.")
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    raw: bytes = content.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"The body may be at most {limit} bytes.")
+    return raw
+
+
+def read_json_object(request: IRequest, limit: int = AUTH_BODY_LIMIT) -> dict[str, Any]:
+    """The request body as a JSON object, or a 4xx Problem saying what is wrong."""
+    ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    raw = read_body(request, limit)
+    if ctype not in (b"application/json", b"") and not ctype.endswith(b"+json"):
+        raise UnsupportedMediaType("Send the body as application/json.")
+    if not raw.strip():
+        raise BadRequest("A JSON object body is required.", slug="invalid-json")
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise BadRequest("The body must be a JSON object.", slug="invalid-json")
+    return body
+
+
+def require_str(body: dict[str, Any], name: str, max_len: int = 4096) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"'{name}' is required and must be a non-empty string.")
+    if len(value) > max_len:
+        raise BadRequest(f"'{name}' may be at most {max_len} characters.")
+    return value
+
+
+def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(body).encode("utf-8")
+
+
+def authenticate(request: IRequest, issuer: TokenIssuer) -> AccessClaims:
+    """The verified access-token claims of ``request``, or 401."""
+    header = request.getHeader(b"authorization")
+    challenge = {"WWW-Authenticate": 'Bearer realm="vibe"'}
+    if header is None:
+        raise Unauthorized(
+            "An 'Authorization: Bearer <token>' header is required.", headers=challenge
+        )
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Use 'Authorization: Bearer <token>'.", headers=challenge)
+    try:
+        return issuer.verify_access(token.strip())
+    except InvalidToken as e:
+        raise Unauthorized(
+            f"The access token was refused: {e}.",
+            slug="invalid-token",
+            headers={"WWW-Authenticate": 'Bearer realm="vibe", error="invalid_token"'},
+        ) from None
+
+
+def client_address(request: IRequest, trusted: Sequence[Network]) -> str:
+    """The peer's address; ``X-Forwarded-For`` is believed only when the peer is a trusted proxy,
+    and then the right-most address that is not itself a trusted proxy is the client."""
+    peer = getattr(request.getClientAddress(), "host", None) or "unknown"
+    if not trusted or not _in(peer, trusted):
+        return str(peer)
+    header = request.getHeader(b"x-forwarded-for")
+    if not header:
+        return str(peer)
+    hops = [h.strip() for h in header.decode("latin-1").split(",") if h.strip()]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return str(peer)  # garbage in the header: do not trust any of it
+        if not _in(hop, trusted):
+            return hop
+    return str(peer)
+
+
+def _in(address: str, networks: Sequence[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)

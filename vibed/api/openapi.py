@@ -1,0 +1,254 @@
+"""The OpenAPI 3.1 document served at ``/openapi.json``; a test keeps it and the routes equal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/problem+json": {"schema": _ref("Problem")}},
+    }
+
+
+_BAD = {
+    "400": _problem("Malformed or invalid input"),
+    "413": _problem("Body larger than 64 KiB"),
+    "415": _problem("Body is not application/json"),
+}
+_COOKIE = {
+    "Set-Cookie": {
+        "description": "vibe_refresh: httpOnly, SameSite=Strict, Path=/auth",
+        "schema": {"type": "string"},
+    }
+}
+
+
+def openapi_document(public_url: str) -> dict[str, Any]:
+    credentials = {
+        "required": True,
+        "content": {"application/json": {"schema": _ref("Credentials")}},
+    }
+    logged_in = {
+        "description": "Logged in",
+        "headers": _COOKIE,
+        "content": {"application/json": {"schema": _ref("LoginResult")}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Vibe Cloud API (vibed)",
+            "version": "0.1.0",
+            "description": "Identities, their data and files. Errors are RFC 9457 "
+            "application/problem+json.",
+        },
+        "servers": [{"url": public_url}],
+        "paths": {
+            "/": {
+                "get": {
+                    "summary": "Landing page",
+                    "security": [],
+                    "responses": {"200": {"description": "HTML page"}},
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "The process answers",
+                    "security": [],
+                    "responses": {"200": _json({"type": "object"}, "Alive")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "CouchDB reachable and bootstrapped",
+                    "security": [],
+                    "responses": {
+                        "200": _json({"type": "object"}, "Ready"),
+                        "503": _problem("Not ready, with the reason"),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "security": [],
+                    "responses": {"200": {"description": "OpenAPI 3.1"}},
+                }
+            },
+            "/.well-known/jwks.json": {
+                "get": {
+                    "summary": "Public keys verifying access tokens (EdDSA)",
+                    "security": [],
+                    "responses": {"200": _json(_ref("JWKS"), "JWK set")},
+                }
+            },
+            "/auth/signup": {
+                "post": {
+                    "summary": "Create an identity",
+                    "security": [],
+                    "requestBody": credentials,
+                    "responses": {
+                        "201": {**logged_in, "description": "Created and logged in"},
+                        "409": _problem("Email already taken"),
+                        "503": _problem("Database unavailable"),
+                        **_BAD,
+                    },
+                }
+            },
+            "/auth/login": {
+                "post": {
+                    "summary": "Log in with email and password",
+                    "security": [],
+                    "requestBody": credentials,
+                    "responses": {
+                        "200": logged_in,
+                        "401": _problem("Unknown email or wrong password (same answer)"),
+                        "429": _problem("Too many failures; see Retry-After"),
+                        **_BAD,
+                    },
+                }
+            },
+            "/auth/refresh": {
+                "post": {
+                    "summary": "Rotate the refresh cookie for a new access token",
+                    "security": [],
+                    "parameters": [
+                        {
+                            "name": "vibe_refresh",
+                            "in": "cookie",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "New tokens",
+                            "headers": _COOKIE,
+                            "content": {"application/json": {"schema": _ref("Tokens")}},
+                        },
+                        "401": _problem("Session ended; log in again"),
+                    },
+                }
+            },
+            "/auth/logout": {
+                "post": {
+                    "summary": "Revoke the refresh token family and clear the cookie",
+                    "security": [],
+                    "responses": {"204": {"description": "Logged out"}},
+                }
+            },
+            "/auth/challenge": {
+                "get": {
+                    "summary": "A single-use nonce for the agent's DID login",
+                    "security": [],
+                    "responses": {"200": _json(_ref("Challenge"), "Nonce, audience, expiry")},
+                }
+            },
+            "/auth/response": {
+                "post": {
+                    "summary": "Answer a challenge with an Ed25519 signature",
+                    "description": "Sign the UTF-8 bytes of "
+                    "'vibe-auth-v1\\naud:<aud>\\nnonce:<nonce>'.",
+                    "security": [],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("ChallengeResponse")}},
+                    },
+                    "responses": {
+                        "200": logged_in,
+                        "401": _problem("Nonce unknown, used, expired or bad signature"),
+                        "429": _problem("Too many failures"),
+                        **_BAD,
+                    },
+                }
+            },
+            "/me": {
+                "get": {
+                    "summary": "The caller's identity (redacted)",
+                    "responses": {
+                        "200": _json(_ref("Identity"), "Identity"),
+                        "401": _problem("Missing or invalid access token"),
+                    },
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT (EdDSA)"}
+            },
+            "schemas": {
+                "Problem": {
+                    "type": "object",
+                    "required": ["type", "title", "status"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "title": {"type": "string"},
+                        "status": {"type": "integer"},
+                        "detail": {"type": "string"},
+                    },
+                },
+                "Credentials": {
+                    "type": "object",
+                    "required": ["email", "password"],
+                    "additionalProperties": True,
+                    "properties": {
+                        "email": {"type": "string", "format": "email", "maxLength": 254},
+                        "password": {"type": "string", "minLength": 8, "maxLength": 1024},
+                    },
+                },
+                "Identity": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string", "pattern": "^idn:"},
+                        "email": {"type": "string"},
+                        "publicKey": {"type": "string", "description": "base64 Ed25519"},
+                        "did": {"type": "string"},
+                        "createdAt": {"type": "string", "format": "date-time"},
+                    },
+                },
+                "Tokens": {
+                    "type": "object",
+                    "properties": {
+                        "accessToken": {"type": "string"},
+                        "tokenType": {"const": "Bearer"},
+                        "expiresIn": {"type": "integer"},
+                        "expiresAt": {"type": "integer"},
+                    },
+                },
+                "LoginResult": {
+                    "allOf": [
+                        _ref("Tokens"),
+                        {"type": "object", "properties": {"identity": _ref("Identity")}},
+                    ]
+                },
+                "Challenge": {
+                    "type": "object",
+                    "properties": {
+                        "nonce": {"type": "string"},
+                        "aud": {"type": "string"},
+                        "expiresAt": {"type": "integer"},
+                    },
+                },
+                "ChallengeResponse": {
+                    "type": "object",
+                    "required": ["did", "nonce", "signature"],
+                    "properties": {
+                        "did": {"type": "string"},
+                        "nonce": {"type": "string"},
+                        "signature": {"type": "string", "description": "base64url"},
+                    },
+                },
+                "JWKS": {"type": "object", "properties": {"keys": {"type": "array"}}},
+            },
+        },
+        "security": [{"bearer": []}],
+    }

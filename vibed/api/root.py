@@ -1,0 +1,110 @@
+"""The root of the HTTP API: mounts each surface and serves health, JWKS, OpenAPI and ``/me``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define
+from klein import Klein
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from vibed.bootstrap import BootstrapService
+from vibed.couch import CouchError, CouchServer
+from vibed.errors import NotFound, ServiceUnavailable, install_error_handlers
+from vibed.identity import IdentityService, redact
+from vibed.tokens import TokenIssuer
+
+from .auth import AuthAPI
+from .http import authenticate, json_response
+from .openapi import openapi_document
+
+# Each mounted surface: prefix -> attribute of VibeAPI holding it (the OpenAPI test reads this).
+MOUNTS = {"/auth": "auth"}
+
+LANDING = b"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Vibe Cloud</title></head>
+<body><h1>Vibe Cloud</h1>
+<p>This server is running. Create your account with <code>POST /auth/signup</code>,
+log in with <code>POST /auth/login</code>; the API is described at
+<a href="/openapi.json">/openapi.json</a>.</p></body></html>
+"""
+
+
+@define(slots=False)
+class VibeAPI:
+    auth: AuthAPI
+    identities: IdentityService
+    issuer: TokenIssuer
+    couch: CouchServer
+    bootstrap: BootstrapService
+    public_url: str
+
+    app = Klein()
+    install_error_handlers(app)
+
+    def resource(self) -> IResource:
+        return self.app.resource()  # type: ignore[no-any-return]
+
+    @app.route("/", methods=["GET"])
+    def landing(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return LANDING
+
+    @app.route("/auth/", branch=True)
+    def auth_branch(self, request: IRequest) -> IResource:
+        return self.auth.app.resource()  # type: ignore[no-any-return]
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        return json_response(request, {"status": "ok"})
+
+    @app.route("/readyz", methods=["GET"])
+    async def readyz(self, request: IRequest) -> bytes:
+        if not self.bootstrap.ready:
+            raise ServiceUnavailable(f"Not ready: {self.bootstrap.last_error}.", slug="not-ready")
+        try:
+            await self.couch.info()
+        except CouchError as e:
+            raise ServiceUnavailable(
+                f"Not ready: CouchDB not reachable ({type(e).__name__}).", slug="not-ready"
+            ) from None
+        return json_response(request, {"status": "ready"})
+
+    @app.route("/.well-known/jwks.json", methods=["GET"])
+    def jwks(self, request: IRequest) -> bytes:
+        body = json_response(request, self.issuer.jwks())
+        request.setHeader(b"Cache-Control", b"public, max-age=300")
+        return body
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        return json_response(request, openapi_document(self.public_url))
+
+    @app.route("/me", methods=["GET"])
+    async def me(self, request: IRequest) -> bytes:
+        claims = authenticate(request, self.issuer)
+        doc = await self.identities.get(claims.sub)
+        if doc is None:
+            raise NotFound("This identity no longer exists.")
+        return json_response(request, redact(doc))
+
+
+def routes(api: VibeAPI) -> set[tuple[str, str]]:
+    """Every (METHOD, path) the API serves, in OpenAPI path syntax (for the contract test)."""
+    found: set[tuple[str, str]] = set()
+
+    def walk(app: Any, prefix: str) -> None:
+        for rule in app.url_map.iter_rules():
+            if rule.rule.endswith("/") and prefix + rule.rule.rstrip("/") in MOUNTS:
+                continue  # a branch mount, walked below
+            path = prefix + rule.rule
+            path = path.replace("<", "{").replace(">", "}")
+            for method in rule.methods or ():
+                if method not in ("HEAD", "OPTIONS"):
+                    found.add((method, path))
+
+    walk(api.app, "")
+    for prefix, attr in MOUNTS.items():
+        walk(getattr(api, attr).app, prefix)
+    return found

@@ -1,0 +1,215 @@
+"""Configuration: twistd options and ``VIBE_*`` environment variables, validated once at start.
+
+Every option can also come from the environment (``--couchdb`` from ``VIBE_COUCHDB`` and so
+on); an option given on the command line wins. A bad value raises :class:`ConfigError`, whose
+message is one line naming the option, which the plugin prints instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from attrs import field, frozen
+from twisted.python import usage
+
+DEFAULT_PORT = "tcp:3000"
+
+
+class ConfigError(Exception):
+    """A configuration value is unusable; the message names the option."""
+
+
+def _env_name(option: str) -> str:
+    return "VIBE_" + option.upper().replace("-", "_")
+
+
+# name, default, help. Kept in one table so --help, the env mapping and the README agree.
+OPTIONS: list[tuple[str, str | None, str]] = [
+    ("port", DEFAULT_PORT, "Endpoint to listen on (twisted endpoint string, e.g. tcp:3000)."),
+    (
+        "couchdb",
+        "embedded",
+        "'embedded' (run PouchDB Server as a child process) or a CouchDB URL with "
+        "credentials, e.g. http://admin:secret@couch:5984/.",
+    ),
+    ("data-dir", "./vibe-data", "Directory for the embedded database, keys and local blobs."),
+    (
+        "public-url",
+        None,
+        "Public base URL of this server (token aud/iss, cookie Secure flag). "
+        "Default: http://localhost:<port>.",
+    ),
+    (
+        "jwt-key-file",
+        None,
+        "PEM Ed25519 private key signing access tokens; generated (mode 0600) when absent. "
+        "Default: <data-dir>/jwt-ed25519.pem.",
+    ),
+    ("crypto-threads", "2", "Threads for Argon2id and scrypt (bounded pool)."),
+    (
+        "trusted-proxies",
+        "",
+        "Comma-separated proxy addresses/networks whose X-Forwarded-For is believed.",
+    ),
+    ("pouchdb-server", None, "Path to the pouchdb-server executable for --couchdb embedded."),
+    ("couch-timeout", "10", "Seconds before a CouchDB request is abandoned."),
+]
+
+
+class Options(usage.Options):
+    """``twistd vibed`` options; each also read from ``VIBE_<NAME>``."""
+
+    optParameters = [
+        [name, None, None, f"{text} [env {_env_name(name)}; default {default}]"]
+        for name, default, text in OPTIONS
+    ]
+
+    def postOptions(self) -> None:
+        pass
+
+
+@frozen
+class Config:
+    """Validated daemon configuration (immutable)."""
+
+    port: str
+    couchdb: str  # "embedded" or a URL (may carry credentials: never log it whole)
+    data_dir: Path
+    public_url: str
+    jwt_key_file: Path
+    crypto_threads: int
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    pouchdb_server: str | None
+    couch_timeout: float
+    # Auth tunables, not (yet) options; tests shorten them.
+    access_ttl: int = 15 * 60
+    refresh_ttl: int = 30 * 24 * 3600
+    refresh_grace: int = 30
+    nonce_ttl: int = 60
+    login_limit_per_email: int = 5
+    login_limit_per_address: int = 20
+    login_window: int = 15 * 60
+    extra: Mapping[str, Any] = field(factory=dict)
+
+    @property
+    def embedded(self) -> bool:
+        return self.couchdb == "embedded"
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.public_url.startswith("https://")
+
+    @classmethod
+    def from_options(
+        cls, options: Mapping[str, Any], environ: Mapping[str, str] | None = None
+    ) -> Config:
+        """Merge options over ``VIBE_*`` variables over defaults, then validate."""
+        env = os.environ if environ is None else environ
+        raw: dict[str, str | None] = {}
+        for name, default, _ in OPTIONS:
+            value = options.get(name)
+            if value is None:
+                value = env.get(_env_name(name))
+            raw[name] = default if value is None else value
+        return cls.validate(raw)
+
+    @classmethod
+    def validate(cls, raw: Mapping[str, str | None]) -> Config:
+        port = raw["port"] or ""
+        _check_endpoint(port)
+
+        couchdb = (raw["couchdb"] or "").strip()
+        if couchdb != "embedded":
+            parts = urlsplit(couchdb)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(
+                    "--couchdb: expected 'embedded' or an http(s):// URL of a CouchDB server"
+                )
+            if not couchdb.endswith("/"):
+                couchdb += "/"
+
+        data_dir = Path(raw["data-dir"] or "./vibe-data").expanduser()
+        if data_dir.exists() and not data_dir.is_dir():
+            raise ConfigError(f"--data-dir: {data_dir} exists and is not a directory")
+
+        public_url = raw["public-url"]
+        if public_url is None:
+            public_url = f"http://localhost:{_port_number(port)}"
+        parts = urlsplit(public_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ConfigError("--public-url: expected http(s)://host[:port][/path]")
+        public_url = public_url.rstrip("/")
+
+        key_file = raw["jwt-key-file"]
+        jwt_key_file = Path(key_file).expanduser() if key_file else data_dir / "jwt-ed25519.pem"
+
+        crypto_threads = _positive_int("crypto-threads", raw["crypto-threads"], 64)
+        couch_timeout = _positive_float("couch-timeout", raw["couch-timeout"])
+
+        proxies = []
+        for item in (raw["trusted-proxies"] or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                proxies.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"--trusted-proxies: {item!r} is not an IP address or network"
+                ) from None
+
+        return cls(
+            port=port,
+            couchdb=couchdb,
+            data_dir=data_dir,
+            public_url=public_url,
+            jwt_key_file=jwt_key_file,
+            crypto_threads=crypto_threads,
+            trusted_proxies=tuple(proxies),
+            pouchdb_server=raw["pouchdb-server"],
+            couch_timeout=couch_timeout,
+        )
+
+
+def _check_endpoint(port: str) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(reactor, port)
+    except Exception as e:  # serverFromString raises ValueError, KeyError, TypeError...
+        raise ConfigError(f"--port: {port!r} is not a usable endpoint ({e})") from None
+
+
+def _port_number(port: str) -> str:
+    for part in port.split(":")[1:]:
+        if part.isdigit():
+            return part
+        if part.startswith("port="):
+            return part[5:]
+    return "3000"
+
+
+def _positive_int(name: str, value: str | None, maximum: int) -> int:
+    try:
+        number = int(value or "")
+    except ValueError:
+        raise ConfigError(f"--{name}: {value!r} is not a whole number") from None
+    if not 1 <= number <= maximum:
+        raise ConfigError(f"--{name}: must be between 1 and {maximum}")
+    return number
+
+
+def _positive_float(name: str, value: str | None) -> float:
+    try:
+        number = float(value or "")
+    except ValueError:
+        raise ConfigError(f"--{name}: {value!r} is not a number") from None
+    if not number > 0:
+        raise ConfigError(f"--{name}: must be greater than zero")
+    return number

@@ -1,0 +1,168 @@
+"""Domain exceptions and their RFC 9457 problem+json rendering, in one place.
+
+Every Klein app calls :func:`install_error_handlers` on itself (errors raised in a nested Klein
+app skip the parent's handlers, klein#119). A handler never lets a traceback reach a client:
+unknown exceptions are logged (without request bodies) and answered with a generic 500.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+_log = Logger(namespace="vibed.errors")
+
+PROBLEM_BASE = "https://vibe.cloud/problems/"
+PROBLEM_JSON = b"application/problem+json"
+
+
+class Problem(Exception):
+    """An error a client can act on: status, stable type slug, human title and detail."""
+
+    status = 400
+    slug = "bad-request"
+    title = "Bad request"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        status: int | None = None,
+        slug: str | None = None,
+        title: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        if status is not None:
+            self.status = status
+        if slug is not None:
+            self.slug = slug
+        if title is not None:
+            self.title = title
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+    def body(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "type": PROBLEM_BASE + self.slug,
+            "title": self.title,
+            "status": self.status,
+        }
+        if self.detail:
+            doc["detail"] = self.detail
+        doc.update(self.extra)
+        return doc
+
+
+class BadRequest(Problem):
+    status, slug, title = 400, "bad-request", "Bad request"
+
+
+class Unauthorized(Problem):
+    status, slug, title = 401, "unauthorized", "Not authenticated"
+
+
+class Forbidden(Problem):
+    status, slug, title = 403, "forbidden", "Not allowed"
+
+
+class NotFound(Problem):
+    status, slug, title = 404, "not-found", "Not found"
+
+
+class Conflict(Problem):
+    status, slug, title = 409, "conflict", "Conflict"
+
+
+class PayloadTooLarge(Problem):
+    status, slug, title = 413, "payload-too-large", "Request body too large"
+
+
+class UnsupportedMediaType(Problem):
+    status, slug, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
+class TooManyRequests(Problem):
+    status, slug, title = 429, "too-many-requests", "Too many requests"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int) -> None:
+        retry_after = max(1, int(retry_after))
+        super().__init__(
+            detail, headers={"Retry-After": str(retry_after)}, extra={"retryAfter": retry_after}
+        )
+
+
+class ServiceUnavailable(Problem):
+    status, slug, title = 503, "unavailable", "Service unavailable"
+
+
+def write_problem(request: IRequest, problem: Problem) -> bytes:
+    """Set status and headers for ``problem`` on ``request``; return the body."""
+    request.setResponseCode(problem.status)
+    request.setHeader(b"Content-Type", PROBLEM_JSON)
+    request.setHeader(b"Cache-Control", b"no-store")
+    for name, value in problem.headers.items():
+        request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    return json.dumps(problem.body()).encode("utf-8")
+
+
+def install_error_handlers(app: Klein) -> None:
+    """Map Problems, routing errors and anything unexpected to problem+json on ``app``."""
+
+    # Handlers take *args: a class-based Klein app passes its instance first.
+    @app.handle_errors(Problem)
+    def _problem(*args: Any) -> bytes:
+        request, failure = args[-2], args[-1]
+        return write_problem(request, failure.value)
+
+    @app.handle_errors(HTTPException)
+    def _routing(*args: Any) -> bytes:
+        request, failure = args[-2], args[-1]
+        exc = failure.value
+        code = exc.code or 400
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(code, "bad-request")
+        problem = Problem(exc.description, status=code, slug=slug, title=exc.name)
+        if code == 405 and getattr(exc, "valid_methods", None):
+            problem.headers["Allow"] = ", ".join(exc.valid_methods)
+            problem.detail = "Allowed methods: " + ", ".join(exc.valid_methods)
+        return write_problem(request, problem)
+
+    @app.handle_errors(Exception)
+    def _unexpected(*args: Any) -> bytes | None:
+        request: IRequest = args[-2]
+        failure: Failure = args[-1]
+        if failure.check(CancelledError):
+            # The client went away; nothing to answer.
+            return None
+        from vibed.couch.errors import CouchUnavailable
+
+        if failure.check(CouchUnavailable):
+            _log.warn("CouchDB unavailable: {reason}", reason=str(failure.value))
+            return write_problem(
+                request,
+                ServiceUnavailable("The database is not reachable right now; try again shortly."),
+            )
+        _log.failure(
+            "Unhandled error answering {method} {path}",
+            failure,
+            method=request.method,
+            path=request.path,
+        )
+        return write_problem(
+            request,
+            Problem(
+                "Internal error; it has been logged.",
+                status=500,
+                slug="internal",
+                title="Internal server error",
+            ),
+        )

@@ -1,0 +1,214 @@
+"""The service tree, built in one place: ``makeService(config) -> MultiService``.
+
+Children start in this order and stop in reverse: the crypto thread pool, the embedded
+CouchDB server (when ``--couchdb embedded``), bootstrap, the purge timer, and the HTTP
+listener. With the embedded server, the listener waits until the child answers, so the first
+request never meets a database that is not there yet.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from attrs import define
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from vibed.api.auth import AuthAPI
+from vibed.api.root import VibeAPI
+from vibed.bootstrap import BootstrapService, PurgeService
+from vibed.config import Config, ConfigError
+from vibed.couch import CouchServer
+from vibed.cpu import CPUPool, CryptoPool
+from vibed.identity import IdentityService
+from vibed.naming import NONCES_DB, RATELIMIT_DB, REFRESH_DB
+from vibed.ratelimit import RateLimiter
+from vibed.sessions import NonceStore, RefreshStore
+from vibed.tokens import TokenIssuer, load_or_create_signing_key
+
+_log = Logger(namespace="vibed.service")
+
+
+class QuietSite(Site):
+    """A Site whose access log never carries a query string (tokens may ride in one)."""
+
+    def log(self, request: Any) -> None:
+        # twisted's combined log format includes the full URI; keep path only.
+        uri = request.uri
+        request.uri = uri.split(b"?", 1)[0]
+        try:
+            super().log(request)
+        finally:
+            request.uri = uri
+
+
+class ListenWhenReady(Service):
+    """Listens on ``endpoint`` once ``ready()`` fires; stops listening on stop."""
+
+    name = "http"
+
+    def __init__(self, endpoint: Any, site: Site, ready: Any, reactor: Any) -> None:
+        self.endpoint = endpoint
+        self.site = site
+        self.ready = ready
+        self.reactor = reactor
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        d: Deferred[Any] = self.ready()
+        d.addCallback(lambda _: self.endpoint.listen(self.site))
+        d.addCallback(self._listened)
+        d.addErrback(self._failed)
+        self._listening = d
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        _log.info("vibed listening on {address}", address=port.getHost())
+        return port
+
+    def _failed(self, failure: Any) -> None:
+        _log.critical("vibed cannot serve: {error}", error=failure.getErrorMessage())
+        if self.reactor.running:
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()  # type: ignore[no-any-return]
+        if self._listening is not None:
+            self._listening.cancel()
+        return None
+
+
+@define
+class Components:
+    """What makeService wired together; tests reach into it."""
+
+    config: Config
+    couch: CouchServer
+    pool: CPUPool
+    issuer: TokenIssuer
+    identities: IdentityService
+    refresh: RefreshStore
+    nonces: NonceStore
+    limiter: RateLimiter
+    bootstrap: BootstrapService
+    api: VibeAPI
+
+
+def build(
+    config: Config,
+    reactor: Any,
+    couch: CouchServer,
+    pool: CPUPool,
+    bootstrap: BootstrapService,
+    clock: Any = time.time,
+) -> Components:
+    """Wire the collaborators (no listening, no child processes)."""
+    try:
+        key = load_or_create_signing_key(config.jwt_key_file)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--jwt-key-file: {e}") from None
+    issuer = TokenIssuer(
+        key=key,
+        issuer=config.public_url,
+        audience=config.public_url,
+        ttl=config.access_ttl,
+        clock=clock,
+    )
+    identities = IdentityService(server=couch, pool=pool, clock=clock)
+    refresh = RefreshStore(
+        db=couch.database(REFRESH_DB),
+        secret=issuer.derived_secret(b"vibed refresh successor v1"),
+        clock=clock,
+        ttl=config.refresh_ttl,
+        grace=config.refresh_grace,
+    )
+    nonces = NonceStore(db=couch.database(NONCES_DB), clock=clock, ttl=config.nonce_ttl)
+    limiter = RateLimiter(db=couch.database(RATELIMIT_DB), clock=clock)
+    auth = AuthAPI(
+        config=config,
+        identities=identities,
+        issuer=issuer,
+        refresh=refresh,
+        nonces=nonces,
+        limiter=limiter,
+    )
+    api = VibeAPI(
+        auth=auth,
+        identities=identities,
+        issuer=issuer,
+        couch=couch,
+        bootstrap=bootstrap,
+        public_url=config.public_url,
+    )
+    return Components(
+        config=config,
+        couch=couch,
+        pool=pool,
+        issuer=issuer,
+        identities=identities,
+        refresh=refresh,
+        nonces=nonces,
+        limiter=limiter,
+        bootstrap=bootstrap,
+        api=api,
+    )
+
+
+def makeService(config: Config, reactor: Any = None) -> MultiService:
+    """The whole daemon as one service tree."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    top = MultiService()
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    pool = CryptoPool(config.crypto_threads, reactor)
+    pool.setServiceParent(top)
+
+    wait_for = None
+    if config.embedded:
+        from vibed.embedded import EmbeddedCouch, EmbeddedCouchMissing, find_pouchdb_server
+
+        try:
+            executable = find_pouchdb_server(config.pouchdb_server)
+        except EmbeddedCouchMissing as e:
+            raise ConfigError(f"--couchdb embedded: {e}") from None
+        embedded = EmbeddedCouch(
+            config.data_dir / "couchdb", executable=executable, reactor=reactor
+        )
+        embedded.setServiceParent(top)
+        couch = CouchServer.from_url(embedded.url, timeout=config.couch_timeout, reactor=reactor)
+        wait_for = embedded.whenReady
+    else:
+        couch = CouchServer.from_url(config.couchdb, timeout=config.couch_timeout, reactor=reactor)
+
+    bootstrap = BootstrapService(couch, reactor, wait_for=wait_for)
+    bootstrap.setServiceParent(top)
+
+    parts = build(config, reactor, couch, pool, bootstrap)
+
+    purge = PurgeService(
+        [lambda: parts.limiter.purge(older_than=24 * 3600), parts.nonces.purge],
+        interval=600,
+        reactor=reactor,
+    )
+    purge.setServiceParent(top)
+
+    endpoint = serverFromString(reactor, config.port)
+    site = QuietSite(parts.api.resource())
+    site.displayTracebacks = False
+    ready = wait_for if wait_for is not None else (lambda: succeed(None))
+    ListenWhenReady(endpoint, site, ready, reactor).setServiceParent(top)
+    top.components = parts  # type: ignore[attr-defined]
+    return top

@@ -1,0 +1,224 @@
+"""Refresh-token families and challenge nonces, both kept in CouchDB (stateless replicas).
+
+Refresh tokens
+--------------
+A token is ``rt1.<family>.<secret>``, sent only in an httpOnly cookie. CouchDB stores its
+SHA-256 (``tok:<hex>``), never the token. Each use rotates it: the used token is marked
+``rotatedAt`` (a conditional update on its ``_rev``, so of two concurrent rotations exactly
+one wins) and its successor is **derived**, ``HMAC-SHA256(secret, token)``, with a secret every
+replica derives from the shared JWT key. Deriving rather than drawing the successor is what
+makes the grace interval work without storing a token in clear: for ``grace`` seconds after a
+rotation, presenting the just-rotated token again (two tabs refreshing at once, a response lost
+on a flaky network) yields *the same* successor. Presenting it after the grace interval is
+reuse: the whole family (``fam:<family>``) is revoked and every token in it stops working.
+
+Nonces
+------
+``n:<nonce>`` documents with an expiry. Consuming one is a DELETE on its ``_rev``: CouchDB lets
+exactly one of any number of concurrent consumers, on any replica, succeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from attrs import define, field, frozen
+from twisted.logger import Logger
+
+from vibed.couch import CouchConflict, CouchDatabase, CouchNotFound
+from vibed.keys import b64url_encode
+
+_log = Logger(namespace="vibed.sessions")
+
+_TOKEN = re.compile(r"^rt1\.([0-9a-f]{32})\.([A-Za-z0-9_-]{43})$")
+_NONCE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+
+
+class RefreshRejected(Exception):
+    """The refresh token is unknown, expired, revoked or reused; ``reason`` is for logs."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@frozen
+class Rotation:
+    idn: str
+    family: str
+    token: str  # the successor, to set in the cookie
+    expires_at: int
+
+
+def _token_id(token: str) -> str:
+    return "tok:" + hashlib.sha256(token.encode("ascii")).hexdigest()
+
+
+@define
+class RefreshStore:
+    db: CouchDatabase
+    secret: bytes = field(repr=False)
+    clock: Callable[[], float] = field(repr=False)
+    ttl: int = 30 * 24 * 3600
+    grace: int = 30
+
+    async def create_family(self, idn: str) -> Rotation:
+        """A new login: a new family and its first token."""
+        family = secrets.token_hex(16)
+        now = self.clock()
+        await self.db.put(
+            {"_id": f"fam:{family}", "idn": idn, "revoked": False, "createdAt": int(now)}
+        )
+        token = f"rt1.{family}.{secrets.token_urlsafe(32)}"
+        expires = int(now) + self.ttl
+        await self._put_token(token, idn, family, expires)
+        return Rotation(idn=idn, family=family, token=token, expires_at=expires)
+
+    def _successor(self, token: str) -> str:
+        family = token.split(".")[1]
+        mac = hmac.new(self.secret, token.encode("ascii"), hashlib.sha256).digest()
+        return f"rt1.{family}.{b64url_encode(mac)}"
+
+    async def _put_token(self, token: str, idn: str, family: str, expires: int) -> None:
+        try:
+            await self.db.put(
+                {
+                    "_id": _token_id(token),
+                    "idn": idn,
+                    "family": family,
+                    "expiresAt": expires,
+                    "rotatedAt": None,
+                }
+            )
+        except CouchConflict:
+            pass  # another replica wrote the same (derived) successor first
+
+    async def rotate(self, token: str) -> Rotation:
+        """Exchange ``token`` for its successor, or raise :class:`RefreshRejected`."""
+        match = _TOKEN.match(token or "")
+        if match is None:
+            raise RefreshRejected("malformed")
+        family = match.group(1)
+        for _attempt in range(3):
+            try:
+                doc = await self.db.get(_token_id(token))
+            except CouchNotFound:
+                raise RefreshRejected("unknown") from None
+            if doc.get("family") != family:
+                raise RefreshRejected("unknown")
+            fam = await self._family(family)
+            if fam is None or fam.get("revoked"):
+                raise RefreshRejected("revoked family")
+            now = self.clock()
+            if now > doc["expiresAt"]:
+                raise RefreshRejected("expired")
+            successor = self._successor(token)
+            expires = int(now) + self.ttl
+            rotated = doc.get("rotatedAt")
+            if rotated is None:
+                doc["rotatedAt"] = now
+                try:
+                    await self.db.put(doc)
+                except CouchConflict:
+                    continue  # a concurrent rotation won; re-read and take the grace path
+                await self._put_token(successor, doc["idn"], family, expires)
+                return Rotation(idn=doc["idn"], family=family, token=successor, expires_at=expires)
+            if now - float(rotated) <= self.grace:
+                # Same successor as the concurrent request got; make sure it is stored.
+                await self._put_token(successor, doc["idn"], family, expires)
+                return Rotation(idn=doc["idn"], family=family, token=successor, expires_at=expires)
+            await self.revoke_family(family)
+            _log.warn(
+                "Refresh token reused after rotation; family revoked for {idn}", idn=doc["idn"]
+            )
+            raise RefreshRejected("reuse")
+        raise RefreshRejected("contention")
+
+    async def _family(self, family: str) -> dict[str, Any] | None:
+        try:
+            return await self.db.get(f"fam:{family}")
+        except CouchNotFound:
+            return None
+
+    async def revoke_family(self, family: str) -> None:
+        for _attempt in range(5):
+            fam = await self._family(family)
+            if fam is None or fam.get("revoked"):
+                return
+            fam["revoked"] = True
+            fam["revokedAt"] = int(self.clock())
+            try:
+                await self.db.put(fam)
+                return
+            except CouchConflict:
+                continue
+
+    async def revoke(self, token: str) -> None:
+        """Logout: revoke the family of ``token`` if it is one of ours (else nothing)."""
+        match = _TOKEN.match(token or "")
+        if match is None:
+            return
+        try:
+            doc = await self.db.get(_token_id(token))
+        except CouchNotFound:
+            return
+        if doc.get("family") == match.group(1):
+            await self.revoke_family(match.group(1))
+
+
+@frozen
+class Challenge:
+    nonce: str
+    expires_at: int
+
+
+@define
+class NonceStore:
+    db: CouchDatabase
+    clock: Callable[[], float] = field(repr=False)
+    ttl: int = 60
+
+    async def issue(self) -> Challenge:
+        nonce = secrets.token_urlsafe(32)
+        expires = int(self.clock()) + self.ttl
+        await self.db.put({"_id": f"n:{nonce}", "expiresAt": expires})
+        return Challenge(nonce=nonce, expires_at=expires)
+
+    async def consume(self, nonce: str) -> Challenge | None:
+        """Claim ``nonce`` once: the Challenge when it was live and is now spent, else None."""
+        if not isinstance(nonce, str) or _NONCE.match(nonce) is None:
+            return None
+        try:
+            doc = await self.db.get(f"n:{nonce}")
+            await self.db.delete(doc["_id"], doc["_rev"])
+        except (CouchNotFound, CouchConflict):
+            return None
+        if self.clock() > doc["expiresAt"]:
+            return None
+        return Challenge(nonce=nonce, expires_at=doc["expiresAt"])
+
+    async def purge(self) -> int:
+        """Delete nonces that expired unused."""
+        now = self.clock()
+        removed = 0
+        startkey: str | None = "n:"
+        while startkey is not None:
+            page = await self.db.all_docs(
+                startkey=startkey, endkey="n:\ufff0", limit=500, include_docs=True
+            )
+            rows = page.get("rows", [])
+            stale = [
+                {"_id": r["id"], "_rev": r["value"]["rev"], "_deleted": True}
+                for r in rows
+                if r.get("doc") and r["doc"].get("expiresAt", 0) < now
+            ]
+            if stale:
+                await self.db.bulk_docs(stale)
+                removed += len(stale)
+            startkey = rows[-1]["id"] + "\u0000" if len(rows) == 500 else None
+        return removed
