@@ -11,7 +11,8 @@ PORT   ?= tcp:3000
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade --quiet pip
-	$(PIP) install --quiet -c constraints.txt -e '.[test,bench]'
+	# compat mode puts the checkout on sys.path, so twistd's plugin scan finds twisted/plugins/.
+	$(PIP) install --quiet -c constraints.txt --config-settings editable_mode=compat -e '.[test,bench]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json

@@ -32,8 +32,6 @@ async def bootstrap(server: CouchServer) -> None:
 class BootstrapService(Service):
     """Runs :func:`bootstrap` at start, retrying with backoff; ``ready`` once it succeeded."""
 
-    name = "bootstrap"
-
     def __init__(
         self,
         server: CouchServer,
@@ -97,8 +95,6 @@ class BootstrapService(Service):
 
 class PurgeService(Service):
     """Every ``interval`` seconds, runs each purge job; a failing job is logged, never fatal."""
-
-    name = "purge"
 
     def __init__(
         self, jobs: list[Callable[[], Awaitable[int]]], interval: float, reactor: Any

@@ -24,8 +24,6 @@ class CPUPool(Protocol):
 class CryptoPool(Service):
     """A fixed-size pool; work queues when every thread is busy (bounded concurrency)."""
 
-    name = "crypto-pool"
-
     def __init__(self, size: int, reactor: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor

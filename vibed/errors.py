@@ -119,12 +119,10 @@ def install_error_handlers(app: Klein) -> None:
     """Map Problems, routing errors and anything unexpected to problem+json on ``app``."""
 
     # Handlers take *args: a class-based Klein app passes its instance first.
-    @app.handle_errors(Problem)
     def _problem(*args: Any) -> bytes:
         request, failure = args[-2], args[-1]
         return write_problem(request, failure.value)
 
-    @app.handle_errors(HTTPException)
     def _routing(*args: Any) -> bytes:
         request, failure = args[-2], args[-1]
         exc = failure.value
@@ -136,7 +134,6 @@ def install_error_handlers(app: Klein) -> None:
             problem.detail = "Allowed methods: " + ", ".join(exc.valid_methods)
         return write_problem(request, problem)
 
-    @app.handle_errors(Exception)
     def _unexpected(*args: Any) -> bytes | None:
         request: IRequest = args[-2]
         failure: Failure = args[-1]
@@ -166,3 +163,8 @@ def install_error_handlers(app: Klein) -> None:
                 title="Internal server error",
             ),
         )
+
+    register: Any = app.handle_errors
+    register(Problem)(_problem)
+    register(HTTPException)(_routing)
+    register(Exception)(_unexpected)

@@ -50,8 +50,6 @@ class QuietSite(Site):
 class ListenWhenReady(Service):
     """Listens on ``endpoint`` once ``ready()`` fires; stops listening on stop."""
 
-    name = "http"
-
     def __init__(self, endpoint: Any, site: Site, ready: Any, reactor: Any) -> None:
         self.endpoint = endpoint
         self.site = site
@@ -82,7 +80,7 @@ class ListenWhenReady(Service):
         super().stopService()
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()  # type: ignore[no-any-return]
+            return port.stopListening()
         if self._listening is not None:
             self._listening.cancel()
         return None

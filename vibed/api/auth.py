@@ -13,12 +13,13 @@ with ``aud`` and ``nonce`` as ``GET /auth/challenge`` returned them (see docs/au
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from attrs import define
 from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from vibed.config import Config
 from vibed.errors import BadRequest, TooManyRequests, Unauthorized, install_error_handlers
@@ -63,7 +64,7 @@ class AuthAPI:
     # -- helpers -------------------------------------------------------------------------
 
     def _set_cookie(self, request: IRequest, rotation: Rotation) -> None:
-        request.addCookie(
+        cast(Request, request).addCookie(
             COOKIE,
             rotation.token.encode("ascii"),
             path=b"/auth",
@@ -74,7 +75,7 @@ class AuthAPI:
         )
 
     def _clear_cookie(self, request: IRequest) -> None:
-        request.addCookie(
+        cast(Request, request).addCookie(
             COOKIE,
             b"",
             path=b"/auth",

@@ -44,7 +44,7 @@ class VibeAPI:
     install_error_handlers(app)
 
     def resource(self) -> IResource:
-        return self.app.resource()  # type: ignore[no-any-return]
+        return self.app.resource()
 
     @app.route("/", methods=["GET"])
     def landing(self, request: IRequest) -> bytes:
@@ -53,7 +53,7 @@ class VibeAPI:
 
     @app.route("/auth/", branch=True)
     def auth_branch(self, request: IRequest) -> IResource:
-        return self.auth.app.resource()  # type: ignore[no-any-return]
+        return self.auth.app.resource()
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:

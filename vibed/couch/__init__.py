@@ -1,7 +1,6 @@
 """A small paisley-style asynchronous CouchDB 3.x client on treq."""
 
 from vibed.couch.client import ChangesFeed, CouchDatabase, CouchServer
-
 from vibed.couch.errors import (
     CouchBadRequest,
     CouchConflict,

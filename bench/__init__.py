@@ -1,0 +1,1 @@
+"""Benchmarks: each prints vibed's figures next to its baseline, measured in one run."""
