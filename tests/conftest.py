@@ -58,6 +58,7 @@ class PouchServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            cwd=self.data_dir,  # pouchdb-server writes log.txt into its working dir
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -304,7 +304,7 @@ class CouchServer:
         url = EncodedURL.from_text(self.url + path + _query(params)).to_uri().to_text()
         return cast(
             "Deferred[Any]",
-            self._open("GET", path, params, _NOTHING) or self.agent.request(b"GET", url.encode("ascii"), self._headers(json_body=False), None),
+            self.agent.request(b"GET", url.encode("ascii"), self._headers(json_body=False), None),
         )
 
     async def request(
