@@ -49,10 +49,14 @@ class PouchServer:
         self.proc = subprocess.Popen(
             [
                 pouchdb_server_bin(),
-                "--port", str(self.port),
-                "--host", "127.0.0.1",
-                "--dir", str(self.data_dir),
-                "--config", str(self.data_dir / "config.json"),
+                "--port",
+                str(self.port),
+                "--host",
+                "127.0.0.1",
+                "--dir",
+                str(self.data_dir),
+                "--config",
+                str(self.data_dir / "config.json"),
                 "--no-stdout-logs",
             ],
             stdout=log,

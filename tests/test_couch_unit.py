@@ -289,7 +289,7 @@ def test_credentials_never_in_repr_str_or_errors() -> None:
 
 
 def test_auth_is_a_basic_header(log_events: list[LogEvent]) -> None:
-    """auth goes out as an Authorization: Basic header; errors and logs do not repeat it."""
+    """auth goes out as an Authorization: Basic header; errors and feed logs do not repeat it."""
     secret = "hunter2-S3CRET"
     recorder = Recorder(lambda request: (401, {"error": "unauthorized", "reason": "bad"}))
     server = server_for(recorder, auth=("alice", secret))
@@ -298,6 +298,10 @@ def test_auth_is_a_basic_header(log_events: list[LogEvent]) -> None:
     headers = recorder.requests[0][2]
     assert headers[b"Authorization"] == [b"Basic YWxpY2U6aHVudGVyMi1TM0NSRVQ="]
     assert secret not in str(info.value) and secret not in repr(info.value)
+    feed = server.database("db").changes_feed(lambda row: None, since="0")
+    feed.start()  # answered 401: logged, retried later
+    feed.stop()
+    assert any("401" in formatEvent(e) for e in log_events)
     for event in log_events:
         assert secret not in formatEvent(event) and secret not in repr(event)
 

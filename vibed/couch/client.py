@@ -254,6 +254,7 @@ class CouchServer:
         path = parts.path if parts.path.endswith("/") else parts.path + "/"
         if pool is None:
             pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = 10  # concurrent requests to one host are the norm
         agent = Agent(reactor, pool=pool)
         return cls(
             url=urlunsplit((parts.scheme, host, path, "", "")),
