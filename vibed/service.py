@@ -197,7 +197,11 @@ def makeService(config: Config, reactor: Any = None) -> MultiService:
     parts = build(config, reactor, couch, pool, bootstrap)
 
     purge = PurgeService(
-        [lambda: parts.limiter.purge(older_than=24 * 3600), parts.nonces.purge],
+        [
+            lambda: parts.limiter.purge(older_than=2 * config.login_window),
+            parts.nonces.purge,
+            parts.refresh.purge,
+        ],
         interval=600,
         reactor=reactor,
     )

@@ -158,6 +158,11 @@ class RefreshStore:
             except CouchConflict:
                 continue
 
+    async def purge(self) -> int:
+        """Delete refresh tokens that expired (their families stay, as small tombstones of
+        what was revoked)."""
+        return await purge_expired(self.db, "tok:", self.clock())
+
     async def revoke(self, token: str) -> None:
         """Logout: revoke the family of ``token`` if it is one of ours (else nothing)."""
         match = _TOKEN.match(token or "")
@@ -204,21 +209,25 @@ class NonceStore:
 
     async def purge(self) -> int:
         """Delete nonces that expired unused."""
-        now = self.clock()
-        removed = 0
-        startkey: str | None = "n:"
-        while startkey is not None:
-            page = await self.db.all_docs(
-                startkey=startkey, endkey="n:\ufff0", limit=500, include_docs=True
-            )
-            rows = page.get("rows", [])
-            stale = [
-                {"_id": r["id"], "_rev": r["value"]["rev"], "_deleted": True}
-                for r in rows
-                if r.get("doc") and r["doc"].get("expiresAt", 0) < now
-            ]
-            if stale:
-                await self.db.bulk_docs(stale)
-                removed += len(stale)
-            startkey = rows[-1]["id"] + "\u0000" if len(rows) == 500 else None
-        return removed
+        return await purge_expired(self.db, "n:", self.clock())
+
+
+async def purge_expired(db: CouchDatabase, prefix: str, now: float) -> int:
+    """Delete the docs under ``prefix`` whose ``expiresAt`` has passed; returns how many."""
+    removed = 0
+    startkey: str | None = prefix
+    while startkey is not None:
+        page = await db.all_docs(
+            startkey=startkey, endkey=prefix + "\ufff0", limit=500, include_docs=True
+        )
+        rows = page.get("rows", [])
+        stale = [
+            {"_id": r["id"], "_rev": r["value"]["rev"], "_deleted": True}
+            for r in rows
+            if r.get("doc") and r["doc"].get("expiresAt", 0) < now
+        ]
+        if stale:
+            await db.bulk_docs(stale)
+            removed += len(stale)
+        startkey = rows[-1]["id"] + "\u0000" if len(rows) == 500 else None
+    return removed
