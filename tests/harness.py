@@ -10,7 +10,6 @@ from typing import Any
 import attrs
 import treq
 from twisted.internet import reactor
-from twisted.web.server import Site
 
 from vibed.bootstrap import BootstrapService, bootstrap
 from vibed.config import Config
@@ -36,7 +35,10 @@ class FakeClock:
 
 
 def make_config(tmp_path: Path, couch_url: str, **overrides: Any) -> Config:
-    raw = {
+    from vibed.config import OPTIONS
+
+    raw: dict[str, str | None] = {name: default for name, default, _ in OPTIONS}
+    raw |= {
         "port": "tcp:0:interface=127.0.0.1",
         "couchdb": couch_url,
         "data-dir": str(tmp_path / "data"),
@@ -74,15 +76,20 @@ class Vibed:
         await bootstrap(self.couch)
         self.bootstrap.ready = True
         self.bootstrap.last_error = None
-        site = Site(self.parts.api.resource())
-        site.displayTracebacks = False
-        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        for service in self.parts.services:
+            service.startService()
+        self.port = reactor.listenTCP(0, self.parts.site(), interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
         return self
 
     async def stop(self) -> None:
         if self.port is not None:
             await self.port.stopListening()
+        for service in reversed(self.parts.services):
+            if service.running:
+                stopped = service.stopService()
+                if stopped is not None:
+                    await stopped
         await self.pool.stopService()
         await self.couch.close()
 

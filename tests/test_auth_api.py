@@ -577,11 +577,10 @@ async def test_readyz_is_503_when_couchdb_is_down(tmp_path: Path) -> None:
     v = Vibed(config)
     v.pool.startService()
     from twisted.internet import reactor
-    from twisted.web.server import Site
 
     v.bootstrap.ready = True
     v.bootstrap.last_error = None
-    v.port = reactor.listenTCP(0, Site(v.parts.api.resource()), interface="127.0.0.1")
+    v.port = reactor.listenTCP(0, v.parts.site(), interface="127.0.0.1")
     v.url = f"http://127.0.0.1:{v.port.getHost().port}"
     try:
         assert_problem(await v.request("GET", "/readyz"), 503)

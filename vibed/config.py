@@ -58,6 +58,27 @@ OPTIONS: list[tuple[str, str | None, str]] = [
     ),
     ("pouchdb-server", None, "Path to the pouchdb-server executable for --couchdb embedded."),
     ("couch-timeout", "10", "Seconds before a CouchDB request is abandoned."),
+    ("blobs", "local", "Blob store: 'local' (files under <data-dir>/blobs) or 's3'."),
+    (
+        "s3-endpoint",
+        None,
+        "S3 endpoint URL (MinIO, Scaleway, moto...); default AWS for the region.",
+    ),
+    ("s3-region", "us-east-1", "S3 region (signing)."),
+    ("s3-bucket", "vibe-objects", "S3 bucket holding every identity's objects."),
+    ("s3-access-key-id", None, "S3 access key id (or AWS_ACCESS_KEY_ID)."),
+    ("s3-secret-access-key", None, "S3 secret access key (or AWS_SECRET_ACCESS_KEY)."),
+    ("s3-addressing", "path", "'path' or 'virtual' (bucket as a host name) S3 addressing."),
+    ("blob-max-size", "104857600", "Largest blob in bytes (default 100 MiB)."),
+    (
+        "blob-mime-types",
+        "image/*,audio/*,video/*,text/plain,text/csv,application/pdf,application/json,"
+        "application/octet-stream,application/zip",
+        "Comma-separated mime types (type/* wildcards) a blob may have.",
+    ),
+    ("blob-quota", "10737418240", "Bytes of finalized blobs one identity may hold (0: none)."),
+    ("blob-url-ttl", "300", "Seconds a signed download URL stays valid."),
+    ("blob-upload-ttl", "900", "Seconds a signed upload URL stays valid."),
 ]
 
 
@@ -86,6 +107,18 @@ class Config:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     pouchdb_server: str | None
     couch_timeout: float
+    blobs: str = "local"
+    s3_endpoint: str | None = None
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "vibe-objects"
+    s3_access_key_id: str | None = field(default=None, repr=False)
+    s3_secret_access_key: str | None = field(default=None, repr=False)
+    s3_addressing: str = "path"
+    blob_max_size: int = 100 * 1024 * 1024
+    blob_mime_types: tuple[str, ...] = ()
+    blob_quota: int = 10 * 1024**3
+    blob_url_ttl: int = 300
+    blob_upload_ttl: int = 900
     # Auth tunables, not (yet) options; tests shorten them.
     access_ttl: int = 15 * 60
     refresh_ttl: int = 30 * 24 * 3600
@@ -163,7 +196,41 @@ class Config:
                     f"--trusted-proxies: {item!r} is not an IP address or network"
                 ) from None
 
+        blobs = (raw["blobs"] or "local").strip()
+        if blobs not in ("local", "s3"):
+            raise ConfigError("--blobs: expected 'local' or 's3'")
+        s3_endpoint = raw["s3-endpoint"]
+        if s3_endpoint:
+            parts = urlsplit(s3_endpoint)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError("--s3-endpoint: expected an http(s):// URL")
+        addressing = (raw["s3-addressing"] or "path").strip()
+        if addressing not in ("path", "virtual"):
+            raise ConfigError("--s3-addressing: expected 'path' or 'virtual'")
+        bucket = (raw["s3-bucket"] or "").strip()
+        if not (3 <= len(bucket) <= 63) or not all(c.isalnum() or c in "-." for c in bucket):
+            raise ConfigError("--s3-bucket: not a valid bucket name")
+        mime_types = tuple(
+            m.strip().lower() for m in (raw["blob-mime-types"] or "").split(",") if m.strip()
+        )
+        for mime in mime_types:
+            if mime.count("/") != 1 or not all(mime.split("/")):
+                raise ConfigError(f"--blob-mime-types: {mime!r} is not a type/subtype")
         return cls(
+            blobs=blobs,
+            s3_endpoint=s3_endpoint or None,
+            s3_region=(raw["s3-region"] or "us-east-1").strip(),
+            s3_bucket=bucket,
+            s3_access_key_id=raw["s3-access-key-id"] or os.environ.get("AWS_ACCESS_KEY_ID"),
+            s3_secret_access_key=(
+                raw["s3-secret-access-key"] or os.environ.get("AWS_SECRET_ACCESS_KEY")
+            ),
+            s3_addressing=addressing,
+            blob_max_size=_positive_int("blob-max-size", raw["blob-max-size"], 5 * 1024**4),
+            blob_mime_types=mime_types,
+            blob_quota=_non_negative_int("blob-quota", raw["blob-quota"]),
+            blob_url_ttl=_positive_int("blob-url-ttl", raw["blob-url-ttl"], 7 * 24 * 3600),
+            blob_upload_ttl=_positive_int("blob-upload-ttl", raw["blob-upload-ttl"], 7 * 24 * 3600),
             port=port,
             couchdb=couchdb,
             data_dir=data_dir,
@@ -202,6 +269,16 @@ def _positive_int(name: str, value: str | None, maximum: int) -> int:
         raise ConfigError(f"--{name}: {value!r} is not a whole number") from None
     if not 1 <= number <= maximum:
         raise ConfigError(f"--{name}: must be between 1 and {maximum}")
+    return number
+
+
+def _non_negative_int(name: str, value: str | None) -> int:
+    try:
+        number = int(value or "0")
+    except ValueError:
+        raise ConfigError(f"--{name}: {value!r} is not a whole number") from None
+    if number < 0:
+        raise ConfigError(f"--{name}: must not be negative")
     return number
 
 

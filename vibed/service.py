@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from attrs import define
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
@@ -20,7 +20,9 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from vibed.api.auth import AuthAPI
+from vibed.api.data import make_data_api
 from vibed.api.root import VibeAPI
+from vibed.blobs import make_blobs
 from vibed.bootstrap import BootstrapService, PurgeService
 from vibed.config import Config, ConfigError
 from vibed.couch import CouchServer
@@ -28,23 +30,12 @@ from vibed.cpu import CPUPool, CryptoPool
 from vibed.identity import IdentityService
 from vibed.naming import NONCES_DB, RATELIMIT_DB, REFRESH_DB
 from vibed.ratelimit import RateLimiter
+from vibed.realtime import make_realtime
 from vibed.sessions import NonceStore, RefreshStore
 from vibed.tokens import TokenIssuer, load_or_create_signing_key
+from vibed.web import BodyPolicy, VibeSite
 
 _log = Logger(namespace="vibed.service")
-
-
-class QuietSite(Site):
-    """A Site whose access log never carries a query string (tokens may ride in one)."""
-
-    def log(self, request: Any) -> None:
-        # twisted's combined log format includes the full URI; keep path only.
-        uri = request.uri
-        request.uri = uri.split(b"?", 1)[0]
-        try:
-            super().log(request)
-        finally:
-            request.uri = uri
 
 
 class ListenWhenReady(Service):
@@ -100,6 +91,11 @@ class Components:
     limiter: RateLimiter
     bootstrap: BootstrapService
     api: VibeAPI
+    services: list[IService]  # started by makeService (or a test harness), stopped in reverse
+    body_policies: dict[bytes, BodyPolicy]
+
+    def site(self) -> VibeSite:
+        return VibeSite(self.api.resource(), self.body_policies)
 
 
 def build(
@@ -140,8 +136,14 @@ def build(
         nonces=nonces,
         limiter=limiter,
     )
+    data = make_data_api(config, couch, issuer)
+    realtime = make_realtime(config, couch, issuer, reactor)
+    blobs = make_blobs(config, couch, issuer, reactor, clock)
     api = VibeAPI(
         auth=auth,
+        data=data,
+        blob=blobs.api,
+        realtime=realtime.resource(),
         identities=identities,
         issuer=issuer,
         couch=couch,
@@ -159,6 +161,8 @@ def build(
         limiter=limiter,
         bootstrap=bootstrap,
         api=api,
+        services=[realtime, *blobs.services],
+        body_policies=blobs.body_policies,
     )
 
 
@@ -207,9 +211,11 @@ def makeService(config: Config, reactor: Any = None) -> MultiService:
     )
     purge.setServiceParent(top)
 
+    for child in parts.services:
+        child.setServiceParent(top)
+
     endpoint = serverFromString(reactor, config.port)
-    site = QuietSite(parts.api.resource())
-    site.displayTracebacks = False
+    site = parts.site()
     ready = wait_for if wait_for is not None else (lambda: succeed(None))
     ListenWhenReady(endpoint, site, ready, reactor).setServiceParent(top)
     top.components = parts  # type: ignore[attr-defined]

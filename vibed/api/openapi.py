@@ -34,6 +34,17 @@ _COOKIE = {
 
 
 def openapi_document(public_url: str) -> dict[str, Any]:
+    """The whole document: this module's paths plus each surface's OPENAPI_PATHS."""
+    doc = _core_document(public_url)
+    from . import blob, data
+
+    for surface in (data, blob):
+        doc["paths"].update(surface.OPENAPI_PATHS)
+        doc["components"]["schemas"].update(surface.OPENAPI_SCHEMAS)
+    return doc
+
+
+def _core_document(public_url: str) -> dict[str, Any]:
     credentials = {
         "required": True,
         "content": {"application/json": {"schema": _ref("Credentials")}},
@@ -169,6 +180,12 @@ def openapi_document(public_url: str) -> dict[str, Any]:
                         "429": _problem("Too many failures"),
                         **_BAD,
                     },
+                }
+            },
+            "/realtime": {
+                "get": {
+                    "summary": "WebSocket upgrade: the realtime change feed (see docs/realtime.md)",
+                    "responses": {"101": {"description": "Switching protocols"}},
                 }
             },
             "/me": {

@@ -16,11 +16,13 @@ from vibed.identity import IdentityService, redact
 from vibed.tokens import TokenIssuer
 
 from .auth import AuthAPI
+from .blob import BlobAPI
+from .data import DataAPI
 from .http import authenticate, json_response
 from .openapi import openapi_document
 
 # Each mounted surface: prefix -> attribute of VibeAPI holding it (the OpenAPI test reads this).
-MOUNTS = {"/auth": "auth"}
+MOUNTS = {"/auth": "auth", "/data": "data", "/blob": "blob"}
 
 LANDING = b"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Vibe Cloud</title></head>
@@ -34,6 +36,9 @@ log in with <code>POST /auth/login</code>; the API is described at
 @define(slots=False)
 class VibeAPI:
     auth: AuthAPI
+    data: DataAPI
+    blob: BlobAPI
+    realtime: IResource
     identities: IdentityService
     issuer: TokenIssuer
     couch: CouchServer
@@ -54,6 +59,18 @@ class VibeAPI:
     @app.route("/auth/", branch=True)
     def auth_branch(self, request: IRequest) -> IResource:
         return self.auth.app.resource()
+
+    @app.route("/data/", branch=True)
+    def data_branch(self, request: IRequest) -> IResource:
+        return self.data.app.resource()
+
+    @app.route("/blob/", branch=True)
+    def blob_branch(self, request: IRequest) -> IResource:
+        return self.blob.app.resource()
+
+    @app.route("/realtime", methods=["GET"])
+    def realtime_socket(self, request: IRequest) -> IResource:
+        return self.realtime
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
