@@ -9,7 +9,8 @@ IDENTITIES_DB = "identities"
 REFRESH_DB = "vibe_refresh"
 NONCES_DB = "vibe_nonces"
 RATELIMIT_DB = "vibe_ratelimit"
-SYSTEM_DBS = (IDENTITIES_DB, REFRESH_DB, NONCES_DB, RATELIMIT_DB)
+UPLOADS_DB = "vibe_uploads"  # blob uploads signed but not yet finalized (all identities)
+SYSTEM_DBS = (IDENTITIES_DB, REFRESH_DB, NONCES_DB, RATELIMIT_DB, UPLOADS_DB)
 
 IDENTITY_DB_KINDS = ("data", "permissions", "groups")
 

@@ -1,0 +1,69 @@
+"""How app documents are laid out in an identity's ``db_<idn>_data`` database, written once.
+
+A collection is a key range: the document ``abc`` of collection ``notes`` is stored with
+``_id`` ``notes:abc``. Listing a collection is ``_all_docs`` from ``notes:`` to
+``notes:\\ufff0``; every Mango query of a collection ANDs that ``_id`` range into its
+selector, so no selector can reach another collection. Each stored doc also carries the
+storage tag ``vibe:collection`` (what the data API strips before answering; an app may not
+send it). Ids that are not ``<collection>:<id>`` (e.g. blob records, ``$blob:...``) belong to
+no collection and never reach the data API or the realtime feed.
+
+Apps see ``_id`` = ``abc`` and ``_rev``, as CouchDB would show them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+TAG = "vibe:collection"
+COLLECTION_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+# Bounded, URL-safe, never starting with "_" (CouchDB reserves it) or containing ":".
+DOC_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,199}$")
+RANGE_END = "\ufff0"
+
+
+def valid_collection(name: object) -> bool:
+    return isinstance(name, str) and COLLECTION_RE.match(name) is not None
+
+
+def valid_doc_id(doc_id: object) -> bool:
+    return isinstance(doc_id, str) and DOC_ID_RE.match(doc_id) is not None
+
+
+def storage_id(collection: str, doc_id: str) -> str:
+    if not valid_collection(collection) or not valid_doc_id(doc_id):
+        raise ValueError("invalid collection or document id")
+    return f"{collection}:{doc_id}"
+
+
+def split_storage_id(storage: str) -> tuple[str, str] | None:
+    """``(collection, id)`` of a stored ``_id``, or None when it is not an app document."""
+    collection, sep, doc_id = storage.partition(":")
+    if not sep or not valid_collection(collection) or not valid_doc_id(doc_id):
+        return None
+    return collection, doc_id
+
+
+def collection_range(collection: str) -> tuple[str, str]:
+    """``(startkey, endkey)`` covering exactly the collection's documents."""
+    if not valid_collection(collection):
+        raise ValueError("invalid collection")
+    return f"{collection}:", f"{collection}:{RANGE_END}"
+
+
+def to_storage(collection: str, doc_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The CouchDB document for an app body (which must not carry ``_id`` of another doc)."""
+    stored = {k: v for k, v in body.items() if k not in ("_id", TAG)}
+    stored["_id"] = storage_id(collection, doc_id)
+    stored[TAG] = collection
+    return stored
+
+
+def from_storage(stored: dict[str, Any]) -> dict[str, Any]:
+    """The app's view of a stored document: its own ``_id``, no storage tag."""
+    app = {k: v for k, v in stored.items() if k != TAG}
+    split = split_storage_id(str(stored.get("_id", "")))
+    if split is not None:
+        app["_id"] = split[1]
+    return app
