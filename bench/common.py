@@ -52,6 +52,8 @@ class Daemon:
             f"tcp:{self.port}:interface=127.0.0.1",
             "--data-dir",
             str(Path(self.tmp.name) / "data"),
+            "--signup-limit",
+            "1000000",  # benchmarks sign up many identities from one address
             *extra,
         ]
         self.env = {**os.environ, **(env or {})}

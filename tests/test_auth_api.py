@@ -645,3 +645,32 @@ async def test_no_secret_reaches_a_log_line(vibed: Vibed) -> None:
     for secret in secrets:
         assert secret and secret not in text
     assert base64.b64encode(PASSWORD.encode()).decode() not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_signups_and_challenges_are_bounded_per_address(make_vibed: VibedFactory) -> None:
+    """Signup (which costs CPU) and challenge issuance (which writes a document) are limited
+    per client address: past the limit, 429 with Retry-After; another address is unaffected."""
+    v = await make_vibed(
+        trusted_proxies="127.0.0.1", signup_limit_per_address=2, challenge_limit_per_address=3
+    )
+    client = {"X-Forwarded-For": f"198.18.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}"}
+    for _ in range(2):
+        r = await v.request(
+            "POST", "/auth/signup", {"email": email(), "password": PASSWORD}, headers=client
+        )
+        assert r.code == 201
+    limited = await v.request(
+        "POST", "/auth/signup", {"email": email(), "password": PASSWORD}, headers=client
+    )
+    assert_problem(limited, 429)
+    assert int(limited.header("retry-after") or 0) > 0
+    other = {"X-Forwarded-For": "198.51.100.99"}
+    r = await v.request(
+        "POST", "/auth/signup", {"email": email(), "password": PASSWORD}, headers=other
+    )
+    assert r.code == 201
+
+    for _ in range(3):
+        assert (await v.request("GET", "/auth/challenge", headers=client)).code == 200
+    assert_problem(await v.request("GET", "/auth/challenge", headers=client), 429)

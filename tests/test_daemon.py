@@ -117,6 +117,13 @@ def test_non_editable_install_ships_and_finds_the_plugin(tmp_path: Path) -> None
         (["--public-url", "not a url"], {}, "--public-url"),
         ([], {"VIBE_CRYPTO_THREADS": "-3"}, "--crypto-threads"),
         (["--trusted-proxies", "10.0.0.0/8,bogus"], {}, "--trusted-proxies"),
+        (
+            ["--couchdb", "embedded", "--pouchdb-server", "/nonexistent/pouchdb-server"],
+            {},
+            "make install",
+        ),
+        (["--blobs", "ftp"], {}, "--blobs"),
+        (["--signup-limit", "0"], {}, "--signup-limit"),
     ],
 )
 def test_bad_option_stops_with_one_clear_line(

@@ -58,6 +58,11 @@ OPTIONS: list[tuple[str, str | None, str]] = [
     ),
     ("pouchdb-server", None, "Path to the pouchdb-server executable for --couchdb embedded."),
     ("couch-timeout", "10", "Seconds before a CouchDB request is abandoned."),
+    (
+        "signup-limit",
+        "20",
+        "Signups allowed per client address per hour (each costs ~0.2 s of CPU).",
+    ),
     ("blobs", "local", "Blob store: 'local' (files under <data-dir>/blobs) or 's3'."),
     (
         "s3-endpoint",
@@ -127,6 +132,9 @@ class Config:
     login_limit_per_email: int = 5
     login_limit_per_address: int = 20
     login_window: int = 15 * 60
+    signup_limit_per_address: int = 20
+    signup_window: int = 3600
+    challenge_limit_per_address: int = 30
     extra: Mapping[str, Any] = field(factory=dict)
 
     @property
@@ -217,6 +225,7 @@ class Config:
             if mime.count("/") != 1 or not all(mime.split("/")):
                 raise ConfigError(f"--blob-mime-types: {mime!r} is not a type/subtype")
         return cls(
+            signup_limit_per_address=_positive_int("signup-limit", raw["signup-limit"], 10**9),
             blobs=blobs,
             s3_endpoint=s3_endpoint or None,
             s3_region=(raw["s3-region"] or "us-east-1").strip(),

@@ -111,6 +111,13 @@ def build(
         key = load_or_create_signing_key(config.jwt_key_file)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--jwt-key-file: {e}") from None
+    mode = config.jwt_key_file.stat().st_mode
+    if mode & 0o077:
+        _log.warn(
+            "The JWT signing key {path} is readable by other users (mode {mode:o}); chmod 600 it",
+            path=str(config.jwt_key_file),
+            mode=mode & 0o777,
+        )
     issuer = TokenIssuer(
         key=key,
         issuer=config.public_url,

@@ -102,16 +102,17 @@ class AuthAPI:
         body = {"identity": redact(doc), **self._tokens(request, doc["_id"], rotation)}
         return json_response(request, body, status)
 
-    async def _check_limits(self, keys: list[tuple[str, int]]) -> None:
-        waits = [
-            await self.limiter.retry_after(key, limit, self.config.login_window)
-            for key, limit in keys
-        ]
+    async def _check_limits(
+        self,
+        keys: list[tuple[str, int]],
+        window: int | None = None,
+        message: str = "Too many failed attempts; wait before trying again.",
+    ) -> None:
+        window = window or self.config.login_window
+        waits = [await self.limiter.retry_after(key, limit, window) for key, limit in keys]
         worst = max((w for w in waits if w is not None), default=None)
         if worst is not None:
-            raise TooManyRequests(
-                "Too many failed attempts; wait before trying again.", retry_after=worst
-            )
+            raise TooManyRequests(message, retry_after=worst)
 
     # -- routes --------------------------------------------------------------------------
 
@@ -120,6 +121,15 @@ class AuthAPI:
         body = read_json_object(request)
         email = normalise_email(body.get("email"))
         password = check_password(body.get("password"))
+        # Each signup costs an Argon2id hash and a scrypt derivation: bound it per address.
+        address = client_address(request, self.config.trusted_proxies)
+        key = f"signup:addr:{address}"
+        await self._check_limits(
+            [(key, self.config.signup_limit_per_address)],
+            window=self.config.signup_window,
+            message="Too many signups from this address; wait before trying again.",
+        )
+        await self.limiter.hit(key)
         doc = await self.identities.signup(email, password)
         _log.info("Identity created: {idn}", idn=doc["_id"])
         return await self._login_response(request, doc, 201)
@@ -171,6 +181,15 @@ class AuthAPI:
 
     @app.route("/challenge", methods=["GET"])
     async def challenge(self, request: IRequest) -> bytes:
+        # Unauthenticated and it writes a document: bound it per address.
+        address = client_address(request, self.config.trusted_proxies)
+        key = f"challenge:issue:{address}"
+        await self._check_limits(
+            [(key, self.config.challenge_limit_per_address)],
+            window=60,
+            message="Too many challenges from this address; wait before asking again.",
+        )
+        await self.limiter.hit(key)
         issued = await self.nonces.issue()
         return json_response(
             request,
