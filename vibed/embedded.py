@@ -37,6 +37,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent
 
+from vibed.couch.client import quiet_pool
+
 _log = Logger(namespace="vibed.embedded")
 
 _BIN = Path("node_modules") / ".bin" / "pouchdb-server"
@@ -155,7 +157,7 @@ class EmbeddedCouch(Service):
         self.url = f"http://127.0.0.1:{self.port}/"
         self.restarts = 0
         # A non-persistent pool: each poll closes its connection, none lingers after stop.
-        self._http = HTTPClient(Agent(reactor))
+        self._http = HTTPClient(Agent(reactor, pool=quiet_pool(reactor, persistent=False)))
         self._process: IProcessTransport | None = None
         self._generation = 0
         self._stopped_generation = 0  # the child stopService asked to exit: not a crash
@@ -184,7 +186,12 @@ class EmbeddedCouch(Service):
 
         Callers run this before the reactor starts so a missing Node.js fails fast, in one line.
         """
+        # setsid (util-linux) puts the child in its own session: a Ctrl-C or a SIGTERM sent
+        # to the terminal's process group reaches vibed only, which then stops the child in
+        # order. As the forked child is no group leader, setsid execs in place (same pid).
+        setsid = shutil.which("setsid")
         return [
+            *([setsid] if setsid else []),
             *_command(find_pouchdb_server(self._explicit)),
             "--port",
             str(self.port),

@@ -43,6 +43,7 @@ from twisted.web.client import (
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http import RESPONSES, PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -203,6 +204,19 @@ class _BodyReader(Protocol):
             transport.stopProducing()
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's connection factory, without a log line per connection opened/closed."""
+
+    noisy = False
+
+
+def quiet_pool(reactor: Any, persistent: bool = True) -> HTTPConnectionPool:
+    """An HTTPConnectionPool whose connections do not log "Starting factory" lines."""
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool._factory = _QuietClientFactory  # noqa: SLF001 - the documented way to quiet it
+    return pool
+
+
 @define
 class CouchServer:
     """A CouchDB server: ``url`` (no credentials, trailing slash) reached through ``http``."""
@@ -253,8 +267,8 @@ class CouchServer:
             auth = (unquote(user), unquote(password))
         path = parts.path if parts.path.endswith("/") else parts.path + "/"
         if pool is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
-            pool.maxPersistentPerHost = 10  # concurrent requests to one host are the norm
+            pool = quiet_pool(reactor)
+            pool.maxPersistentPerHost = 32  # concurrent requests to one host are the norm
         agent = Agent(reactor, pool=pool)
         return cls(
             url=urlunsplit((parts.scheme, host, path, "", "")),
