@@ -9,6 +9,10 @@ send it). Ids that are not ``<collection>:<id>`` (e.g. blob records, ``$blob:...
 no collection and never reach the data API or the realtime feed.
 
 Apps see ``_id`` = ``abc`` and ``_rev``, as CouchDB would show them.
+
+Indexes an app declares for a collection are Mango JSON indexes on
+``["vibe:collection", *fields]``, each in its own design doc ``_design/vidx.<collection>.<name>``
+(no ``:`` in it, so :func:`split_storage_id` never takes one for an app document).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ COLLECTION_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 # Bounded, URL-safe, never starting with "_" (CouchDB reserves it) or containing ":".
 DOC_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,199}$")
 RANGE_END = "\ufff0"
+INDEX_DDOC_PREFIX = "vidx."
 
 
 def valid_collection(name: object) -> bool:
@@ -67,3 +72,11 @@ def from_storage(stored: dict[str, Any]) -> dict[str, Any]:
     if split is not None:
         app["_id"] = split[1]
     return app
+
+
+def index_ddoc(collection: str, name: str) -> str:
+    """The design doc id (without ``_design/``) of index ``name`` of ``collection``;
+    with ``name`` empty, the prefix every index of the collection shares."""
+    if not valid_collection(collection):
+        raise ValueError("invalid collection")
+    return f"{INDEX_DDOC_PREFIX}{collection}.{name}"
