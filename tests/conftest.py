@@ -97,3 +97,55 @@ def own_couch(tmp_path: Path) -> Iterator[PouchServer]:
     server.start()
     yield server
     server.stop()
+
+
+class MotoS3:
+    """moto's S3 server mode (``python -m moto.server``) as a child process on a free port."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import sys
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "moto.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.data_dir,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto server exited; see {self.data_dir / 'moto.log'}")
+            try:
+                with urllib.request.urlopen(self.url + "/moto-api/", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("moto server did not answer within 30 s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def s3_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Endpoint URL of a moto S3 server shared by the session; tests use their own buckets."""
+    server = MotoS3(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server.url
+    server.stop()

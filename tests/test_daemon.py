@@ -91,6 +91,25 @@ def test_non_editable_install_ships_and_finds_the_plugin(tmp_path: Path) -> None
         "--trusted-proxies",
     ):
         assert option in out.stdout, option
+    # Every module of the source tree imports from the installed wheel (a package left out
+    # of pyproject's list would only fail when the daemon starts).
+    modules = sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in (ROOT / "vibed").rglob("*.py")
+    )
+    imported = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            f"import importlib; [importlib.import_module(m) for m in {modules!r}]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert imported.returncode == 0, imported.stderr
     # The module came from the fresh venv, not the source checkout.
     where = subprocess.run(
         [

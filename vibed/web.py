@@ -50,6 +50,10 @@ class VibeRequest(Request):
         return None
 
     def gotLength(self, length: int | None) -> None:
+        # The channel calls gotLength before requestReceived sets method and uri, but it has
+        # parsed the request line already: a policy needs the path (and the method) now.
+        self.method = getattr(self.channel, "_command", None) or self.method
+        self.uri = getattr(self.channel, "_path", None) or self.uri
         policy = self._policy()
         self._vibe_limit = policy.limit(self) if policy else DEFAULT_BODY_LIMIT
         if length is not None and length > self._vibe_limit:

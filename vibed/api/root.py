@@ -68,6 +68,11 @@ class VibeAPI:
     def blob_branch(self, request: IRequest) -> IResource:
         return self.blob.app.resource()
 
+    @app.route("/blob", methods=["GET"])
+    async def blob_list(self, request: IRequest) -> bytes:
+        # The branch above is "/blob/"; the list of blobs is "/blob" itself.
+        return await self.blob.list_blobs(request)
+
     @app.route("/realtime", methods=["GET"])
     def realtime_socket(self, request: IRequest) -> IResource:
         return self.realtime
