@@ -98,16 +98,21 @@ from zope.interface import implementer
 from vibed.config import Config
 from vibed.couch import CouchServer
 from vibed.couch.client import ChangesFeed, CouchDatabase
-from vibed.couch.errors import CouchBadRequest, CouchError, CouchNotFound
+from vibed.couch.errors import CouchBadRequest, CouchError, CouchNotFound, CouchUnavailable
 from vibed.layout import from_storage, split_storage_id, valid_collection
 from vibed.naming import identity_db
 from vibed.tokens import LEEWAY, AccessClaims, InvalidToken, TokenIssuer
 
 __all__ = [
+    "CATCHING_UP",
     "CLOSE_FORBIDDEN",
     "CLOSE_TOKEN_EXPIRED",
     "CLOSE_TOO_SLOW",
     "CLOSE_UNAUTHORIZED",
+    "ENDED",
+    "LIVE",
+    "PENDING",
+    "Change",
     "DatabaseFeed",
     "FeedHub",
     "RealtimeService",
@@ -594,8 +599,12 @@ class FeedHub:
         except CouchError:
             self._release(sub)
             raise
-        if sub.state == PENDING and sub.entry is entry:
-            entry.attach(sub)
+        if sub.state != PENDING or sub.entry is not entry:
+            return
+        if self.feeds.get(sub.database) is not entry:  # the hub stopped meanwhile
+            self._release(sub)
+            raise CouchUnavailable(0, "stopping", "the realtime service is stopping")
+        entry.attach(sub)
 
     def unsubscribe(self, sub: Subscription) -> None:
         entry = sub.entry

@@ -1,0 +1,351 @@
+"""``WS /realtime`` feeds: one shared CouchDB feed per identity, resuming with ``since``, a
+CouchDB outage, slow and dead clients, shutdown. Real vibed, real PouchDB Server, real sockets."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from conftest import PouchServer
+from harness import (
+    Vibed,
+    connect_realtime,
+    make_config,
+    put_doc,
+    realtime_identity,
+    realtime_service,
+    server_socket,
+)
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+
+from vibed.couch import CouchError
+from vibed.layout import to_storage
+from vibed.realtime import CLOSE_TOO_SLOW
+
+VibedFactory = Callable[..., Awaitable[Vibed]]
+
+
+@pytest_twisted.async_yield_fixture
+async def make_vibed(tmp_path: Path, couch_url: str) -> AsyncIterator[VibedFactory]:
+    started: list[Vibed] = []
+
+    async def factory(
+        realtime: dict[str, Any] | None = None, couch: str | None = None, **overrides: Any
+    ) -> Vibed:
+        if realtime is not None:
+            overrides["extra"] = {"realtime": realtime}
+        config = make_config(tmp_path / f"v{len(started)}", couch or couch_url, **overrides)
+        v = Vibed(config)
+        await v.start()
+        started.append(v)
+        return v
+
+    yield factory
+    for v in started:
+        await v.stop()
+
+
+async def subscribe(client: Any, collection: str, since: str | None = None) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "subscribe", "collection": collection}
+    if since is not None:
+        message["since"] = since
+    client.send(message)
+    answer: dict[str, Any] = await client.next_of("subscribed")
+    assert answer["collection"] == collection
+    return answer
+
+
+async def poll(ready: Callable[[], bool], within: float = 10.0, step: float = 0.02) -> None:
+    """Wait until ``ready()`` (state another component changes), or fail after ``within``."""
+    waited = 0.0
+    while not ready():
+        if waited >= within:
+            raise AssertionError(f"condition not met within {within} s")
+        await deferLater(reactor, step, lambda: None)
+        waited += step
+
+
+async def close(*clients: Any) -> None:
+    for client in clients:
+        if not client.closed.called:
+            client.sendClose()
+        await client.wait_closed()
+
+
+# -- one feed per identity -----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_sockets_of_one_identity_share_one_feed(make_vibed: VibedFactory) -> None:
+    """Two sockets of one identity (different collections) share ONE CouchDB feed; another
+    identity gets its own; the feed stays while one subscription remains and is stopped when
+    the last one leaves; both sockets still receive their own collection's changes."""
+    vibed = await make_vibed()
+    hub = realtime_service(vibed).hub
+    me = await realtime_identity(vibed)
+    other = await realtime_identity(vibed)
+    first = await connect_realtime(vibed, me.token)
+    second = await connect_realtime(vibed, me.token)
+    third = await connect_realtime(vibed, other.token)
+    opened_before = hub.feeds_opened
+    await subscribe(first, "notes")
+    await subscribe(second, "todos")
+    await subscribe(second, "notes")
+    await subscribe(third, "notes")
+    assert set(hub.feeds) == {me.db, other.db}
+    assert hub.feeds[me.db].refs == 3
+    assert hub.feeds_opened - opened_before == 2
+    feed = hub.feeds[me.db].feed
+    assert feed is not None and feed.running
+
+    await put_doc(vibed.couch, me.db, "todos", "t1", {})
+    await put_doc(vibed.couch, me.db, "notes", "n1", {})
+    assert [c["id"] for c in await first.changes(1)] == ["n1"]
+    assert [c["id"] for c in await second.changes(2)] == ["t1", "n1"]
+
+    await close(first)
+    await poll(lambda: hub.feeds.get(me.db) is not None and hub.feeds[me.db].refs == 2)
+    assert feed.running
+    second.send({"type": "unsubscribe", "collection": "todos"})
+    await second.next_of("unsubscribed")
+    assert hub.feeds[me.db].refs == 1
+    await close(second)
+    await poll(lambda: me.db not in hub.feeds)
+    await poll(lambda: not feed.running)
+    assert other.db in hub.feeds
+    await close(third)
+    await poll(lambda: not hub.feeds)
+    assert hub.feeds_opened - opened_before == 2
+
+
+# -- resume --------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_resume_with_since_gets_exactly_the_missed_changes(make_vibed: VibedFactory) -> None:
+    """A subscriber that disconnects, misses N writes and reconnects with ``since`` = the last
+    seq it saw gets exactly those N (in order, none repeated, none of other collections),
+    then live ones. Reads are paged (page_size 4 here) to cover a long absence."""
+    vibed = await make_vibed(realtime={"page_size": 4})
+    me = await realtime_identity(vibed)
+    client = await connect_realtime(vibed, me.token)
+    await subscribe(client, "notes")
+    for i in range(3):
+        await put_doc(vibed.couch, me.db, "notes", f"seen{i}", {})
+    seen = await client.changes(3)
+    last = seen[-1]["seq"]
+    await close(client)
+
+    missed = [f"missed{i}" for i in range(11)]
+    for i, doc_id in enumerate(missed):
+        await put_doc(vibed.couch, me.db, "notes", doc_id, {"i": i})
+        await put_doc(vibed.couch, me.db, "todos", f"todo{i}", {})
+    again = await connect_realtime(vibed, me.token)
+    ack = await subscribe(again, "notes", since=last)
+    assert ack["seq"] == last
+    replayed = await again.changes(len(missed))
+    assert [c["id"] for c in replayed] == missed
+    await put_doc(vibed.couch, me.db, "notes", "live", {})
+    (live,) = await again.changes(1)
+    assert live["id"] == "live"
+    await close(again)
+    ids = [m["id"] for m in again.inbox if m["type"] == "change"]
+    assert ids == [*missed, "live"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_resume_from_the_ack_seq_with_nothing_missed(make_vibed: VibedFactory) -> None:
+    """Resuming from the ``subscribed`` seq with no write in between joins the live stream at
+    once (no read): the next write arrives once."""
+    vibed = await make_vibed()
+    hub = realtime_service(vibed).hub
+    me = await realtime_identity(vibed)
+    keeper = await connect_realtime(vibed, me.token)
+    ack = await subscribe(keeper, "notes")
+    client = await connect_realtime(vibed, me.token)
+    reads_before = hub.catch_up_reads
+    await subscribe(client, "notes", since=ack["seq"])
+    assert hub.catch_up_reads == reads_before
+    await put_doc(vibed.couch, me.db, "notes", "x", {})
+    assert [c["id"] for c in await client.changes(1)] == ["x"]
+    await close(client, keeper)
+    assert [m["id"] for m in client.inbox if m["type"] == "change"] == ["x"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnects_during_steady_writes_lose_and_repeat_nothing(
+    make_vibed: VibedFactory,
+) -> None:
+    """While a writer writes continuously, a subscriber drops and resumes with ``since``
+    again and again (other sockets keep the shared feed busy): across all its connections it
+    receives every write exactly once, in order."""
+    vibed = await make_vibed(realtime={"page_size": 5})
+    hub = realtime_service(vibed).hub
+    me = await realtime_identity(vibed)
+    keeper = await connect_realtime(vibed, me.token)
+    await subscribe(keeper, "notes")
+    total = 120
+    written: list[str] = []
+
+    async def writer() -> None:
+        for i in range(total):
+            doc_id = f"w{i:04d}"
+            await put_doc(vibed.couch, me.db, "notes", doc_id, {"i": i})
+            written.append(doc_id)
+            if i % 7 == 0:
+                await put_doc(vibed.couch, me.db, "other", doc_id, {})
+
+    writing = ensureDeferred(writer())
+    received: list[str] = []
+    last: str | None = None
+    rng = random.Random(7)
+    rounds = 0
+    deadline = reactor.seconds() + 30
+    while not writing.called or len(received) < total:
+        assert reactor.seconds() < deadline, (len(received), len(written), received[-3:])
+        client = await connect_realtime(vibed, me.token)
+        await subscribe(client, "notes", since=last)
+        want = min(rng.randint(3, 15), total - len(received))
+        try:
+            for change in await client.changes(want, within=3):
+                received.append(change["id"])
+                last = change["seq"]
+        except TimeoutError:
+            pass
+        await close(client)
+        # whatever arrived after the last change we counted is not "seen": resume from last
+        rounds += 1
+        if len(received) >= total:
+            break
+    await writing
+    await close(keeper)
+    assert received == written, (len(received), len(written))
+    assert rounds > 5 and hub.handovers > 0
+
+
+# -- CouchDB outage ------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_couchdb_restart_while_writing_delivers_every_write_once(
+    make_vibed: VibedFactory, own_couch: PouchServer
+) -> None:
+    """The CouchDB server is killed and restarted while writes continue (a write that fails
+    is retried until it succeeds): after recovery every committed write has reached the
+    subscribed socket exactly once, in order, and the socket never closed."""
+    vibed = await make_vibed(couch=own_couch.url, couch_timeout="2")
+    vibed.couch.timeout = 2.0
+    me = await realtime_identity(vibed)
+    client = await connect_realtime(vibed, me.token)
+    await subscribe(client, "notes")
+    total = 40
+    committed: list[str] = []
+    db = vibed.couch.database(me.db)
+
+    async def write(i: int) -> None:
+        doc = to_storage("notes", f"d{i:03d}", {"i": i})
+        while True:
+            try:
+                await db.put(doc)
+                break
+            except CouchError as exc:
+                if exc.status == 409:  # committed before the server died; answer lost
+                    break
+                await deferLater(reactor, 0.1, lambda: None)
+        committed.append(doc["_id"].split(":", 1)[1])
+
+    for i in range(total // 2):
+        await write(i)
+    own_couch.stop()
+    down_writes = ensureDeferred(write(total // 2))
+    await deferLater(reactor, 0.5, lambda: None)  # the feed notices and backs off
+    await deferToThread(own_couch.start)
+    await down_writes
+    for i in range(total // 2 + 1, total):
+        await write(i)
+    got = await client.changes(total, within=30)
+    assert [c["id"] for c in got] == committed
+    assert not client.closed.called
+    await put_doc(vibed.couch, me.db, "notes", "after", {})
+    assert (await client.changes(1))[0]["id"] == "after"
+    await close(client)
+
+
+# -- slow and dead clients, shutdown -------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_is_closed_with_4008(make_vibed: VibedFactory) -> None:
+    """A client that stops reading while changes keep coming is closed with 4008 once its
+    send queue passes the cap; the queue never held more than the cap (messages, bytes),
+    and the other socket of the identity is unaffected."""
+    caps = {"queue_messages": 20, "queue_bytes": 256 * 1024, "close_timeout": 10}
+    vibed = await make_vibed(realtime=caps)
+    service = realtime_service(vibed)
+    me = await realtime_identity(vibed)
+    slow = await connect_realtime(vibed, me.token)
+    fine = await connect_realtime(vibed, me.token)
+    await subscribe(slow, "notes")
+    await subscribe(fine, "notes")
+    server_slow = server_socket(vibed, slow)
+    slow.transport.pauseProducing()  # stop reading: the kernel buffers fill, then vibed's
+    blob = "x" * 60_000
+    db = vibed.couch.database(me.db)
+    sent = 0
+    while not server_slow.close_code and sent < 2000:
+        batch = [to_storage("notes", f"big{sent + i}", {"blob": blob}) for i in range(20)]
+        await db.bulk_docs(batch)
+        sent += len(batch)
+        await deferLater(reactor, 0.05, lambda: None)  # let the feed deliver
+    assert server_slow.close_code == CLOSE_TOO_SLOW or any(
+        s.close_code == CLOSE_TOO_SLOW for s in service.sockets
+    )
+    assert service.closed_too_slow >= 1
+    for sock in list(service.sockets) + [server_slow]:
+        assert sock.high_water_messages <= caps["queue_messages"]
+        assert sock.high_water_bytes <= caps["queue_bytes"]
+    slow.transport.resumeProducing()
+    assert await slow.wait_closed(within=20) == CLOSE_TOO_SLOW
+    got = await fine.changes(sent, within=30)
+    assert len(got) == sent
+    await close(fine)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_peer_is_dropped_by_pings(make_vibed: VibedFactory) -> None:
+    """A peer that stops answering pings (here: stops reading) is dropped after the ping
+    timeout, releasing its subscriptions and the feed."""
+    vibed = await make_vibed(realtime={"ping_interval": 0.5, "ping_timeout": 1.0})
+    service = realtime_service(vibed)
+    me = await realtime_identity(vibed)
+    client = await connect_realtime(vibed, me.token)
+    await subscribe(client, "notes")
+    assert me.db in service.hub.feeds
+    client.transport.pauseProducing()
+    await poll(lambda: not service.sockets, within=5)
+    await poll(lambda: me.db not in service.hub.feeds)
+    client.transport.resumeProducing()
+    await client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_the_service_closes_sockets_with_1001_and_feeds(
+    make_vibed: VibedFactory,
+) -> None:
+    """Stopping vibed closes every socket with 1001 (going away) and stops every feed."""
+    vibed = await make_vibed()
+    service = realtime_service(vibed)
+    me = await realtime_identity(vibed)
+    client = await connect_realtime(vibed, me.token)
+    await subscribe(client, "notes")
+    feed = service.hub.feeds[me.db].feed
+    stopping: Deferred[None] = service.stopService()
+    assert await client.wait_closed() == 1001
+    await stopping
+    assert not service.sockets and not service.hub.feeds and not feed.running
