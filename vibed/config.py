@@ -84,6 +84,12 @@ OPTIONS: list[tuple[str, str | None, str]] = [
     ("blob-quota", "10737418240", "Bytes of finalized blobs one identity may hold (0: none)."),
     ("blob-url-ttl", "300", "Seconds a signed download URL stays valid."),
     ("blob-upload-ttl", "900", "Seconds a signed upload URL stays valid."),
+    ("realtime-auth-timeout", "10", "Seconds a new WebSocket has to authenticate."),
+    ("realtime-queue-messages", "1000", "Messages queued for one slow socket before it is closed."),
+    ("realtime-queue-bytes", "4194304", "Bytes queued for one slow socket before it is closed."),
+    ("realtime-max-subscriptions", "64", "Subscriptions one socket may hold."),
+    ("realtime-ping-interval", "20", "Seconds between WebSocket pings (0: none)."),
+    ("realtime-ping-timeout", "10", "Seconds a pong may take before the peer is dropped."),
 ]
 
 
@@ -224,7 +230,24 @@ class Config:
         for mime in mime_types:
             if mime.count("/") != 1 or not all(mime.split("/")):
                 raise ConfigError(f"--blob-mime-types: {mime!r} is not a type/subtype")
+        realtime: dict[str, float | int] = {
+            "auth_timeout": _positive_float("realtime-auth-timeout", raw["realtime-auth-timeout"]),
+            "queue_messages": _positive_int(
+                "realtime-queue-messages", raw["realtime-queue-messages"], 10**7
+            ),
+            "queue_bytes": _positive_int(
+                "realtime-queue-bytes", raw["realtime-queue-bytes"], 2**34
+            ),
+            "max_subscriptions": _positive_int(
+                "realtime-max-subscriptions", raw["realtime-max-subscriptions"], 10**4
+            ),
+            "ping_interval": float(
+                _non_negative_int("realtime-ping-interval", raw["realtime-ping-interval"])
+            ),
+            "ping_timeout": _positive_float("realtime-ping-timeout", raw["realtime-ping-timeout"]),
+        }
         return cls(
+            extra={"realtime": realtime},
             signup_limit_per_address=_positive_int("signup-limit", raw["signup-limit"], 10**9),
             blobs=blobs,
             s3_endpoint=s3_endpoint or None,
