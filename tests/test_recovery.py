@@ -7,9 +7,9 @@ import uuid
 from pathlib import Path
 
 import pytest_twisted
-
 from conftest import PouchServer
 from harness import Vibed, make_config
+
 from vibed.bootstrap import bootstrap
 
 

@@ -134,6 +134,11 @@ CLOSE_TOO_SLOW = 4008
 #: before a URL is built; what the server makes of it is then its business.
 SEQ_RE = re.compile(r"^[0-9][0-9A-Za-z_-]{0,8191}$")
 
+#: Frames one client message may be split into. Autobahn bounds a message's bytes, not its
+#: frames: empty continuation frames would otherwise grow its fragment list (and pin the
+#: reactor) for as long as the peer sends them.
+MAX_FRAMES_PER_MESSAGE = 256
+
 
 @frozen
 class RealtimeSettings:
@@ -738,6 +743,8 @@ class RealtimeProtocol(WebSocketServerProtocol):
         self._expiry_timer: IDelayedCall | None = None
         self._drain_waiters: list[Deferred[None]] = []
         self._gone_waiters: list[Deferred[None]] = []
+        self._frames = 0
+        self._pending_pong: bytes | None = None
 
     @property
     def service(self) -> RealtimeService:
@@ -808,6 +815,28 @@ class RealtimeProtocol(WebSocketServerProtocol):
             self._error("unknown-type", f"Unknown message type {_short(kind, 64)!r}.")
             return
         handler(message)
+
+    def onMessageBegin(self, isBinary: bool) -> None:  # noqa: N802, N803
+        self._frames = 0
+        super().onMessageBegin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:  # noqa: N802
+        self._frames += 1
+        if self._frames > MAX_FRAMES_PER_MESSAGE and not self.failedByMe:
+            self._fail_connection(
+                WebSocketServerProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
+                f"A message may be split into at most {MAX_FRAMES_PER_MESSAGE} frames.",
+            )
+        super().onMessageFrameBegin(length)
+
+    def onPing(self, payload: bytes) -> None:  # noqa: N802
+        # Pongs bypass the bounded send queue: a peer that pings and never reads would pile
+        # them up in the transport. While its buffer is full only the latest ping is answered,
+        # once it drains (RFC 6455 5.5.3 allows answering only the most recent one).
+        if self._paused:
+            self._pending_pong = payload
+            return
+        super().onPing(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:  # noqa: N802, N803
         try:
@@ -986,6 +1015,13 @@ class RealtimeProtocol(WebSocketServerProtocol):
         self.sendMessage(payload, False)
 
     def _flush(self) -> None:
+        pong, self._pending_pong = self._pending_pong, None
+        if (
+            pong is not None
+            and not self._paused
+            and self.state == WebSocketServerProtocol.STATE_OPEN
+        ):
+            self.sendPong(pong)
         while self._queue and not self._paused and not self._closing:
             if self.state != WebSocketServerProtocol.STATE_OPEN:
                 break

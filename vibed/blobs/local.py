@@ -49,6 +49,7 @@ from vibed.blobs import (
     SignedRequest,
     StoreUnavailable,
 )
+from vibed.blobs.service import FINALIZE_GRACE
 from vibed.errors import BadRequest, Conflict, Forbidden, NotFound, Problem, UnsupportedMediaType
 from vibed.web import BodyPolicy
 
@@ -79,6 +80,11 @@ class Grant:
     expires_at: int
     size: int | None
     mime: str
+
+
+def _deadline(grant: Grant) -> int:
+    """When a PUT of ``grant`` must have arrived: as late as its upload may be finalized."""
+    return grant.expires_at + FINALIZE_GRACE
 
 
 def _b64url(raw: bytes) -> str:
@@ -128,6 +134,37 @@ class _Discard:
 
     def close(self) -> None:
         pass
+
+
+class _Spool:
+    """The temporary file a verified PUT streams into, refusing bytes past ``deadline`` (the
+    upload's finalize deadline): a body trickled in for ever would otherwise hold its disk
+    space (and a connection), then land after the cleanup forgot its upload, an object no
+    record points to and no quota counts. Past the deadline the connection is dropped and the
+    file, closed with it, disappears."""
+
+    def __init__(
+        self, file: IO[bytes], deadline: int, clock: Callable[[], float], request: Any
+    ) -> None:
+        self.file = file
+        self.deadline = deadline
+        self.clock = clock
+        self.request = request
+        self.expired = False
+
+    def write(self, data: bytes) -> int:
+        if not self.expired and self.clock() > self.deadline:
+            self.expired = True
+            channel = getattr(self.request, "channel", None)
+            transport = getattr(channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+        if self.expired:
+            return len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
 
 
 class _BlobFile(File):
@@ -303,7 +340,7 @@ class LocalStore:
             dir=self.incoming, prefix="put-", suffix=".part", delete=True
         )
         setattr(request, _SPOOL_ATTR, (grant, spool))
-        return cast(IO[bytes], spool)
+        return cast(IO[bytes], _Spool(spool, _deadline(grant), self.clock, request))
 
     async def receive(self, request: IRequest, key: str) -> None:
         """Finish a signed PUT of ``key``: check it, put the file in place; a Problem if not."""
@@ -344,6 +381,14 @@ class LocalStore:
             await deferToThreadPool(
                 self.reactor, self.reactor.getThreadPool(), os.fsync, spool.fileno()
             )
+            if self.clock() > _deadline(grant):
+                raise Problem(
+                    "The upload arrived after its finalize deadline and was discarded; ask "
+                    "for a new upload URL.",
+                    status=408,
+                    slug="upload-timeout",
+                    title="Request timeout",
+                )
             target = self.path_for(key)
             target.parent.mkdir(exist_ok=True, mode=0o700)
             try:

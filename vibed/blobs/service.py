@@ -156,6 +156,11 @@ class BlobService:
             expires = _int(doc.get("expiresAt")) or 0
             if doc.get("state") == "pending" and now <= expires + FINALIZE_GRACE:
                 pending += _int(doc.get("size")) or 0
+            elif doc.get("state") == "deleted" and key_owner(str(doc.get("key"))) == idn:
+                # The upload URL of a deleted blob may have been used again: until the cleanup
+                # removes it, that object takes space like any other.
+                info = await self.store.stat(doc["key"])
+                pending += info.size if info is not None else 0
         return used, pending
 
     # -- operations ------------------------------------------------------------------------
