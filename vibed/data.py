@@ -490,8 +490,10 @@ class SelectorChecker:
                 raise BadRequest("$exists takes true or false.", slug="bad-query")
             return operand
         if op == "$type":
-            if operand not in _TYPES:
-                raise BadRequest("$type takes one of " + ", ".join(sorted(_TYPES)) + ".")
+            if not isinstance(operand, str) or operand not in _TYPES:
+                raise BadRequest(
+                    "$type takes one of " + ", ".join(sorted(_TYPES)) + ".", slug="bad-query"
+                )
             return operand
         if op in ("$in", "$nin", "$all"):
             return self.literal(self._array(op, operand))

@@ -4,6 +4,12 @@ Each counted event is one small insert-only document, ``rl:<key hash>:<ms timest
 (no read-modify-write, so concurrent replicas never conflict). Counting a key is one
 ``_all_docs`` key-range read from ``now - window`` to the end of the key's range, stopped at
 the limit. Keys are hashed: an email address never becomes a document id in clear.
+
+Checking a count and then acting on it is a race (a burst of concurrent requests all see the
+count before any of them is recorded), so a guarded action *reserves* its event first with
+:meth:`RateLimiter.reserve` (count, record, count again including itself) and gives the
+reservation back with :meth:`RateLimiter.release` when it should not count (a login that
+succeeded): of any number of concurrent attempts, at most ``limit`` get through.
 """
 
 from __future__ import annotations
@@ -13,10 +19,10 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.logger import Logger
 
-from vibed.couch import CouchDatabase
+from vibed.couch import CouchConflict, CouchDatabase, CouchNotFound
 
 _log = Logger(namespace="vibed.ratelimit")
 
@@ -29,6 +35,14 @@ def _key_hash(key: str) -> str:
 
 def _ts(seconds: float) -> str:
     return str(int(seconds * 1000)).zfill(_TS_DIGITS)
+
+
+@frozen
+class Hit:
+    """One recorded event, so it can be given back."""
+
+    id: str
+    rev: str
 
 
 @define
@@ -53,10 +67,39 @@ class RateLimiter:
         oldest = int(rows[0]["id"].split(":")[2]) / 1000.0
         return max(1, int(oldest + window - now) + 1)
 
-    async def hit(self, key: str) -> None:
+    async def hit(self, key: str) -> Hit:
         """Count one event for ``key`` now."""
         doc_id = f"rl:{_key_hash(key)}:{_ts(self.clock())}:{secrets.token_hex(6)}"
-        await self.db.put({"_id": doc_id})
+        result = await self.db.put({"_id": doc_id})
+        return Hit(id=doc_id, rev=str(result.get("rev", "")))
+
+    async def release(self, hit: Hit) -> None:
+        """Un-count an event recorded by :meth:`hit` (gone already: nothing to do)."""
+        try:
+            await self.db.delete(hit.id, hit.rev)
+        except (CouchNotFound, CouchConflict):
+            pass
+
+    async def reserve(self, keys: list[tuple[str, int]], window: int) -> tuple[list[Hit], int]:
+        """Record one event for each ``(key, limit)`` unless that would pass a limit.
+
+        Returns ``(hits, 0)`` when every key is within its limit, the events counted; else
+        ``([], seconds to wait)`` with nothing counted. The count is read again after the
+        events are written, so concurrent callers cannot all slip under the limit.
+        """
+        waits = [await self.retry_after(key, limit, window) for key, limit in keys]
+        worst = max((w for w in waits if w is not None), default=None)
+        if worst is not None:
+            return [], worst  # already over: refuse without writing anything
+        hits = [await self.hit(key) for key, _limit in keys]
+        # Our own events are in the count now: more than ``limit`` means others raced us.
+        waits = [await self.retry_after(key, limit + 1, window) for key, limit in keys]
+        worst = max((w for w in waits if w is not None), default=None)
+        if worst is not None:
+            for hit in hits:
+                await self.release(hit)
+            return [], worst
+        return hits, 0
 
     async def purge(self, older_than: float) -> int:
         """Delete events older than ``older_than`` seconds; returns how many went."""

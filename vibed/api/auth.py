@@ -31,7 +31,7 @@ from vibed.identity import (
     redact,
 )
 from vibed.keys import b64url_decode, public_from_did_key, verify_ed25519
-from vibed.ratelimit import RateLimiter
+from vibed.ratelimit import Hit, RateLimiter
 from vibed.sessions import NonceStore, RefreshRejected, RefreshStore, Rotation
 from vibed.tokens import TokenIssuer
 
@@ -102,17 +102,23 @@ class AuthAPI:
         body = {"identity": redact(doc), **self._tokens(request, doc["_id"], rotation)}
         return json_response(request, body, status)
 
-    async def _check_limits(
+    async def _reserve(
         self,
         keys: list[tuple[str, int]],
         window: int | None = None,
         message: str = "Too many failed attempts; wait before trying again.",
-    ) -> None:
-        window = window or self.config.login_window
-        waits = [await self.limiter.retry_after(key, limit, window) for key, limit in keys]
-        worst = max((w for w in waits if w is not None), default=None)
-        if worst is not None:
-            raise TooManyRequests(message, retry_after=worst)
+    ) -> list[Hit]:
+        """Count this attempt against each ``(key, limit)``, or 429. Counting first and then
+        checking (not check, act, count) is what stops a burst of concurrent requests from
+        all passing a check that none of them has been counted in yet."""
+        hits, wait = await self.limiter.reserve(keys, window or self.config.login_window)
+        if wait:
+            raise TooManyRequests(message, retry_after=wait)
+        return hits
+
+    async def _release(self, hits: list[Hit]) -> None:
+        for hit in hits:
+            await self.limiter.release(hit)
 
     # -- routes --------------------------------------------------------------------------
 
@@ -124,12 +130,11 @@ class AuthAPI:
         # Each signup costs an Argon2id hash and a scrypt derivation: bound it per address.
         address = client_address(request, self.config.trusted_proxies)
         key = f"signup:addr:{address}"
-        await self._check_limits(
+        await self._reserve(
             [(key, self.config.signup_limit_per_address)],
             window=self.config.signup_window,
             message="Too many signups from this address; wait before trying again.",
         )
-        await self.limiter.hit(key)
         doc = await self.identities.signup(email, password)
         _log.info("Identity created: {idn}", idn=doc["_id"])
         return await self._login_response(request, doc, 201)
@@ -146,13 +151,16 @@ class AuthAPI:
             (f"login:email:{email}", self.config.login_limit_per_email),
             (f"login:addr:{address}", self.config.login_limit_per_address),
         ]
-        await self._check_limits(keys)
+        # The attempt counts as a failure until it is known not to be one.
+        hits = await self._reserve(keys)
         try:
             doc = await self.identities.login(email, password)
         except LoginFailed:
-            for key, _limit in keys:
-                await self.limiter.hit(key)
             raise Unauthorized(LOGIN_FAILED, slug="login-failed") from None
+        except BaseException:
+            await self._release(hits)
+            raise
+        await self._release(hits)
         return await self._login_response(request, doc)
 
     @app.route("/refresh", methods=["POST"])
@@ -184,12 +192,11 @@ class AuthAPI:
         # Unauthenticated and it writes a document: bound it per address.
         address = client_address(request, self.config.trusted_proxies)
         key = f"challenge:issue:{address}"
-        await self._check_limits(
+        await self._reserve(
             [(key, self.config.challenge_limit_per_address)],
             window=60,
             message="Too many challenges from this address; wait before asking again.",
         )
-        await self.limiter.hit(key)
         issued = await self.nonces.issue()
         return json_response(
             request,
@@ -212,16 +219,21 @@ class AuthAPI:
             raise BadRequest("'signature' must be base64url.") from None
         address = client_address(request, self.config.trusted_proxies)
         key = f"challenge:addr:{address}"
-        await self._check_limits([(key, self.config.login_limit_per_address)])
+        hits = await self._reserve([(key, self.config.login_limit_per_address)])
         refused = Unauthorized("The challenge response was not accepted.", slug="challenge-failed")
         # Spend the nonce first: whatever happens next, it can never be used again.
-        spent = await self.nonces.consume(nonce)
-        if spent is None:
-            await self.limiter.hit(key)
-            raise refused
-        message = challenge_message(self.config.public_url, nonce)
-        doc = await self.identities.by_did(did)
-        if doc is None or not verify_ed25519(public_key, message, signature):
-            await self.limiter.hit(key)
-            raise refused
+        try:
+            spent = await self.nonces.consume(nonce)
+            if spent is None:
+                raise refused
+            message = challenge_message(self.config.public_url, nonce)
+            doc = await self.identities.by_did(did)
+            if doc is None or not verify_ed25519(public_key, message, signature):
+                raise refused
+        except Unauthorized:
+            raise  # a failure: it stays counted
+        except BaseException:
+            await self._release(hits)
+            raise
+        await self._release(hits)
         return await self._login_response(request, doc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,25 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    # 1e400 parses as inf, which no JSON encoder may send on (CouchDB would get "Infinity").
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    # An integer past the double range would become Infinity (then null) in JavaScript.
+    value = int(text)
+    if len(text) > 300:
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError(f"the number {text[:40]}... is too large") from None
+    return value
+
+
 def parse_json(raw: bytes) -> Any:
     """Parse strict JSON: UTF-8, no duplicate keys, no NaN/Infinity. BadRequest otherwise."""
     try:
@@ -43,7 +63,13 @@ def parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise BadRequest("The body is not valid UTF-8.", slug="invalid-json") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        return json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
     except _DuplicateKey as e:
         raise BadRequest(
             f"Duplicate key {str(e)!r} in the JSON body.", slug="invalid-json"
