@@ -597,8 +597,8 @@ def check_regex(pattern: object) -> str:
     inline flags or named groups, escapes limited to ``\\d \\w \\s \\b`` (and their negations),
     ``\\t \\n \\r \\f`` and escaped punctuation. Linear: no back-references or lookaround; an
     unbounded quantifier (``*``, ``+``, ``{n,}``) only in a pattern anchored with ``^``, at
-    most one, with no quantifier or alternation inside it; bounded quantifiers multiply to
-    at most 1000 ways.
+    most one; no variable quantifier or alternation inside any group that repeats (bounded
+    or not); quantifiers and written alternatives multiply to at most 1000 ways.
     """
     if not isinstance(pattern, str):
         raise BadRequest("$regex takes a string.", slug="bad-regex")
@@ -628,8 +628,8 @@ def check_regex(pattern: object) -> str:
     except (re.error, RecursionError, OverflowError):
         raise BadRequest("$regex is not a valid regular expression.", slug="bad-regex") from None
     anchored = bool(parsed.data) and parsed.data[0] == (sre_c.AT, sre_c.AT_BEGINNING)
-    budget = _RegexBudget()
-    budget.walk(parsed.data, inside_unbounded=False)
+    budget = _RegexBudget(ways=_written_alternatives(pattern))
+    budget.walk(parsed.data, repeated=False)
     if budget.unbounded and not anchored:
         raise BadRequest(
             "$regex: '*', '+' and '{n,}' need a pattern anchored with '^' (without it a "
@@ -641,12 +641,67 @@ def check_regex(pattern: object) -> str:
     return pattern
 
 
+def _written_alternatives(pattern: str) -> int:
+    """The alternatives of ``pattern`` as written, multiplied over its groups; 400 for an
+    alternation inside a group quantified with ``*``, ``+`` or ``{}``.
+
+    Read from the text, not from ``sre_parse``: it folds ``a|[a-z]`` into one character set,
+    which JavaScript does not (it tries both branches, and ``(?:a|[a-z]){0,30}y`` backtracks
+    exponentially). A class may not open with ``]`` (``[]`` is a class of its own in
+    JavaScript, not the start of one holding ``]``: the pattern would read differently).
+    """
+    groups = [1]  # alternatives counted per open group, outermost first
+    nested_alt = [False]
+    ways = 1
+    in_class = False
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+            i += 2 if pattern[i + 1 : i + 2] == "^" else 1
+            if pattern[i : i + 1] == "]":
+                raise BadRequest(
+                    "$regex: write ']' first in a class as '\\]' (engines read it apart).",
+                    slug="bad-regex",
+                )
+            continue
+        elif ch == "(":
+            groups.append(1)
+            nested_alt.append(False)
+        elif ch == ")" and len(groups) > 1:
+            alternatives, inner = groups.pop(), nested_alt.pop()
+            ways *= alternatives
+            has_alt = alternatives > 1 or inner
+            if has_alt and pattern[i + 1 : i + 2] in ("*", "+", "{"):
+                raise BadRequest(
+                    "$regex: no alternation inside a repeated group.", slug="bad-regex"
+                )
+            nested_alt[-1] = nested_alt[-1] or has_alt
+        elif ch == "|":
+            groups[-1] += 1
+        i += 1
+    ways *= groups[0]
+    if ways > 1000:
+        raise BadRequest("$regex: too many alternatives.", slug="bad-regex")
+    return ways
+
+
 @define
 class _RegexBudget:
     unbounded: int = 0
     ways: int = 1
 
-    def walk(self, items: Any, *, inside_unbounded: bool) -> None:
+    def walk(self, items: Any, *, repeated: bool) -> None:
+        """``repeated``: inside a group that may match more than once. What such a group
+        repeats must match in exactly one way (no variable quantifier, no alternation):
+        ``(?:x{1,2}){1,300}`` or ``(?:x|xx){0,30}`` backtrack through exponentially many
+        splits of the text, however small the product of their quantifiers looks."""
         for op, av in items:
             if op in _REFUSED_TOKENS:
                 raise BadRequest(
@@ -654,31 +709,29 @@ class _RegexBudget:
                 )
             if op in _REPEATS:
                 low, high, sub = av
-                if inside_unbounded and high != low:
+                if repeated and high != low:
                     raise BadRequest(
-                        "$regex: no quantifier inside a '*', '+' or '{n,}' group.", slug="bad-regex"
+                        "$regex: no quantifier inside a repeated group.", slug="bad-regex"
                     )
                 if high == _MAXREPEAT:
                     self.unbounded += 1
-                    self.walk(sub, inside_unbounded=True)
                 else:
                     self.ways *= high - low + 1
                     if self.ways > 1000:
                         raise BadRequest("$regex: too many quantifiers.", slug="bad-regex")
-                    self.walk(sub, inside_unbounded=inside_unbounded)
+                self.walk(sub, repeated=repeated or high > 1)
             elif op == sre_c.SUBPATTERN:
-                self.walk(av[-1], inside_unbounded=inside_unbounded)
+                self.walk(av[-1], repeated=repeated)
             elif op == sre_c.BRANCH:
-                if inside_unbounded:
+                if repeated:
                     raise BadRequest(
-                        "$regex: no alternation inside a '*', '+' or '{n,}' group.",
-                        slug="bad-regex",
+                        "$regex: no alternation inside a repeated group.", slug="bad-regex"
                     )
                 self.ways *= len(av[1])
                 if self.ways > 1000:
                     raise BadRequest("$regex: too many alternatives.", slug="bad-regex")
                 for branch in av[1]:
-                    self.walk(branch, inside_unbounded=inside_unbounded)
+                    self.walk(branch, repeated=repeated)
 
 
 # -- bookmarks ---------------------------------------------------------------------------
