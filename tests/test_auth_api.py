@@ -527,6 +527,8 @@ async def test_challenge_attacks_are_refused(vibed: Vibed, couch_url: str) -> No
         (b"", "application/json", 400),
         (b"[" * 100_00 + b"]" * 100_00, "application/json", 400),
         (b'{"email": "a@b.co", "password": "12345678"}', "text/plain", 415),
+        (b'{"email": "a@b.co", "password": "12345678"}', "", 415),
+        (b'{"email": "a@b.co", "password": "12345678"}', "application/x-www-form-urlencoded", 415),
         (b'{"email": "a@b.co", "password": "' + b"x" * 70_000 + b'"}', "application/json", 413),
     ],
 )

@@ -82,7 +82,7 @@ MAX_BOOKMARK_CHARS = 4096
 MAX_NESTING = 100  # JSON depth of a document or a value in 'q'
 
 # CouchDB revisions are "<generation>-<hash>"; treated as opaque beyond this shape check.
-_REV_RE = re.compile(r"^[0-9]{1,10}-[0-9A-Za-z]{1,128}$")
+_REV_RE = re.compile(r"^[0-9]{1,10}-[0-9A-Za-z]{1,128}\Z")
 
 Action = Literal["read", "write"]
 
@@ -1024,7 +1024,8 @@ class DataService:
                 raise missing_index(collection, sort) from None
             _log.info("_find refused: {error} {reason}", error=e.error, reason=e.reason)
             raise BadRequest(
-                f"The database refused the query: {e.reason or e.error}.", slug="bad-query"
+                "The database refused the query; simplify the selector (see docs/data.md).",
+                slug="bad-query",
             ) from None
         next_bookmark = None
         if result.bookmark is not None:

@@ -21,9 +21,9 @@ import re
 from typing import Any
 
 TAG = "vibe:collection"
-COLLECTION_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+COLLECTION_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}\Z")
 # Bounded, URL-safe, never starting with "_" (CouchDB reserves it) or containing ":".
-DOC_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,199}$")
+DOC_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._~-]{0,199}\Z")
 RANGE_END = "\ufff0"
 INDEX_DDOC_PREFIX = "vidx."
 

@@ -14,7 +14,7 @@ SYSTEM_DBS = (IDENTITIES_DB, REFRESH_DB, NONCES_DB, RATELIMIT_DB, UPLOADS_DB)
 
 IDENTITY_DB_KINDS = ("data", "permissions", "groups")
 
-_IDN = re.compile(r"^idn:([0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})$")
+_IDN = re.compile(r"^idn:([0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12})\Z")
 
 
 def new_idn() -> str:

@@ -132,7 +132,7 @@ CLOSE_TOO_SLOW = 4008
 
 #: What a ``since`` may look like: CouchDB 3 (``N-<base64url>``) and integer seqs. Checked
 #: before a URL is built; what the server makes of it is then its business.
-SEQ_RE = re.compile(r"^[0-9][0-9A-Za-z_-]{0,8191}$")
+SEQ_RE = re.compile(r"^[0-9][0-9A-Za-z_-]{0,8191}\Z")
 
 #: Frames one client message may be split into. Autobahn bounds a message's bytes, not its
 #: frames: empty continuation frames would otherwise grow its fragment list (and pin the

@@ -35,8 +35,8 @@ from vibed.keys import b64url_encode
 
 _log = Logger(namespace="vibed.sessions")
 
-_TOKEN = re.compile(r"^rt1\.([0-9a-f]{32})\.([A-Za-z0-9_-]{43})$")
-_NONCE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+_TOKEN = re.compile(r"^rt1\.([0-9a-f]{32})\.([A-Za-z0-9_-]{43})\Z")
+_NONCE = re.compile(r"^[A-Za-z0-9_-]{43}\Z")
 
 
 class RefreshRejected(Exception):

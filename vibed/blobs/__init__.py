@@ -25,12 +25,12 @@ from vibed.tokens import TokenIssuer
 from vibed.web import BodyPolicy
 
 _UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
-BLOB_ID_RE = re.compile(rf"^{_UUID4}$")
+BLOB_ID_RE = re.compile(rf"^{_UUID4}\Z")
 #: ``<idn uuid>/<blob uuid>.<ext>``: nothing else is ever a key, so no key can climb out of
 #: the blob directory or name another identity's prefix by accident.
-KEY_RE = re.compile(rf"^({_UUID4})/({_UUID4})\.([a-z0-9]{{1,8}})$")
+KEY_RE = re.compile(rf"^({_UUID4})/({_UUID4})\.([a-z0-9]{{1,8}})\Z")
 #: RFC 6838 restricted names, lower case, no parameters.
-MIME_RE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$")
+MIME_RE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}\Z")
 
 #: Extension of each known mime type. A fixed table: ``mimetypes`` guesses differently from
 #: one platform to the next. An allowed type not listed here gets ``bin``.
