@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from attrs import define, field, frozen
+from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.logger import Logger
 
 from vibed.couch import CouchConflict, CouchDatabase, CouchNotFound
 
 _log = Logger(namespace="vibed.ratelimit")
+
+T = TypeVar("T")
 
 _TS_DIGITS = 15
 
@@ -87,17 +90,17 @@ class RateLimiter:
         ``([], seconds to wait)`` with nothing counted. The count is read again after the
         events are written, so concurrent callers cannot all slip under the limit.
         """
-        waits = [await self.retry_after(key, limit, window) for key, limit in keys]
+        # The keys are independent: ask CouchDB about them concurrently.
+        waits = await _all([self.retry_after(key, limit, window) for key, limit in keys])
         worst = max((w for w in waits if w is not None), default=None)
         if worst is not None:
             return [], worst  # already over: refuse without writing anything
-        hits = [await self.hit(key) for key, _limit in keys]
+        hits = await _all([self.hit(key) for key, _limit in keys])
         # Our own events are in the count now: more than ``limit`` means others raced us.
-        waits = [await self.retry_after(key, limit + 1, window) for key, limit in keys]
+        waits = await _all([self.retry_after(key, limit + 1, window) for key, limit in keys])
         worst = max((w for w in waits if w is not None), default=None)
         if worst is not None:
-            for hit in hits:
-                await self.release(hit)
+            await _all([self.release(hit) for hit in hits])
             return [], worst
         return hits, 0
 
@@ -119,3 +122,11 @@ class RateLimiter:
                 removed += len(stale)
             startkey = rows[-1]["id"] + "\u0000" if len(rows) == 500 else None
         return removed
+
+
+async def _all(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Await ``coroutines`` concurrently; their results in order (the first error raised)."""
+    results: list[T] = await gatherResults(
+        [ensureDeferred(c) for c in coroutines], consumeErrors=True
+    ).addErrback(lambda f: f.value.subFailure.raiseException())
+    return results
