@@ -136,7 +136,7 @@ class Config:
     refresh_grace: int = 30
     nonce_ttl: int = 60
     login_limit_per_email: int = 5
-    login_limit_per_address: int = 20
+    login_limit_per_address: int = 100  # NATs and offices share addresses; in-flight attempts count
     login_window: int = 15 * 60
     signup_limit_per_address: int = 20
     signup_window: int = 3600
