@@ -228,7 +228,7 @@ async def run(base: str, couch: str, pool: HTTPConnectionPool, args: argparse.Na
             )
     print(
         "thru v/d: vibed throughput / direct; p50 v/d: vibed median latency / direct. "
-        "vibed keeps at most 10 idle connections to CouchDB (more are opened under load)."
+        "vibed keeps at most 32 idle connections to CouchDB (more are opened under load)."
     )
 
 
