@@ -209,7 +209,10 @@ def makeService(config: Config, reactor: Any = None) -> MultiService:
 
     purge = PurgeService(
         [
-            lambda: parts.limiter.purge(older_than=2 * config.login_window),
+            # Keep events as long as the longest window that counts them.
+            lambda: parts.limiter.purge(
+                older_than=2 * max(config.login_window, config.signup_window, 60)
+            ),
             parts.nonces.purge,
             parts.refresh.purge,
         ],
