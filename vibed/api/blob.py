@@ -22,6 +22,7 @@ from vibed.naming import is_idn
 from vibed.tokens import TokenIssuer
 
 from .http import authenticate, json_response, read_json_object
+from .openapi import _json, _problem, _ref  # the shared OpenAPI helpers
 
 SCOPE = "blob:*"
 
@@ -146,21 +147,6 @@ class BlobAPI:
 
 
 # -- OpenAPI -------------------------------------------------------------------------------
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _problem(description: str) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/problem+json": {"schema": _ref("Problem")}},
-    }
-
-
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 _AUTH = {
