@@ -181,16 +181,23 @@ class Response:
 
 
 class VibedSet:
-    """Starts vibeds for one test (each in its own data dir) and stops them all."""
+    """Starts vibeds for one test (each in its own data dir) and stops them all.
 
-    def __init__(self, tmp_path: Path, couch_url: str) -> None:
+    ``start`` takes make_config overrides (``defaults`` first), plus ``clock``, ``couch_url``
+    (another CouchDB) and ``realtime`` (RealtimeSettings overrides)."""
+
+    def __init__(self, tmp_path: Path, couch_url: str, **defaults: Any) -> None:
         self.tmp_path = tmp_path
         self.couch_url = couch_url
+        self.defaults = {"login_limit_per_address": 10_000, **defaults}
         self.started: list[Vibed] = []
 
     async def start(self, **overrides: Any) -> Vibed:
-        overrides.setdefault("login_limit_per_address", 10_000)
+        overrides = {**self.defaults, **overrides}
         clock = overrides.pop("clock", None)
+        realtime = overrides.pop("realtime", None)
+        if realtime is not None:
+            overrides["extra"] = {"realtime": realtime}
         sub = self.tmp_path / f"v{len(self.started)}"
         v = Vibed(make_config(sub, overrides.pop("couch_url", self.couch_url), **overrides), clock)
         await v.start()

@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from harness import FakeClock, Vibed, make_config
+from harness import FakeClock, Vibed, VibedSet, make_config
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.logger import globalLogPublisher
 
@@ -35,20 +35,9 @@ def email() -> str:
 
 @pytest_twisted.async_yield_fixture
 async def make_vibed(tmp_path: Path, couch_url: str) -> AsyncIterator[VibedFactory]:
-    started: list[Vibed] = []
-
-    async def factory(**overrides: Any) -> Vibed:
-        overrides.setdefault("login_limit_per_address", 10_000)
-        clock = overrides.pop("clock", None)
-        sub = tmp_path / f"v{len(started)}"
-        v = Vibed(make_config(sub, couch_url, **overrides), clock=clock)
-        await v.start()
-        started.append(v)
-        return v
-
-    yield factory
-    for v in started:
-        await v.stop()
+    vibeds = VibedSet(tmp_path, couch_url)
+    yield vibeds.start
+    await vibeds.stop()
 
 
 @pytest_twisted.async_yield_fixture

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness import (
     FakeClock,
     Vibed,
+    VibedSet,
     connect_realtime,
-    make_config,
     put_doc,
     realtime_identity,
     realtime_service,
@@ -35,20 +35,9 @@ VibedFactory = Callable[..., Awaitable[Vibed]]
 
 @pytest_twisted.async_yield_fixture
 async def make_vibed(tmp_path: Path, couch_url: str) -> AsyncIterator[VibedFactory]:
-    started: list[Vibed] = []
-
-    async def factory(realtime: dict[str, Any] | None = None, **overrides: Any) -> Vibed:
-        clock = overrides.pop("clock", None)
-        if realtime is not None:
-            overrides["extra"] = {"realtime": realtime}
-        v = Vibed(make_config(tmp_path / f"v{len(started)}", couch_url, **overrides), clock=clock)
-        await v.start()
-        started.append(v)
-        return v
-
-    yield factory
-    for v in started:
-        await v.stop()
+    vibeds = VibedSet(tmp_path, couch_url)
+    yield vibeds.start
+    await vibeds.stop()
 
 
 @pytest_twisted.async_yield_fixture

@@ -12,8 +12,8 @@ import pytest_twisted
 from conftest import PouchServer
 from harness import (
     Vibed,
+    VibedSet,
     connect_realtime,
-    make_config,
     put_doc,
     realtime_identity,
     realtime_service,
@@ -33,22 +33,9 @@ VibedFactory = Callable[..., Awaitable[Vibed]]
 
 @pytest_twisted.async_yield_fixture
 async def make_vibed(tmp_path: Path, couch_url: str) -> AsyncIterator[VibedFactory]:
-    started: list[Vibed] = []
-
-    async def factory(
-        realtime: dict[str, Any] | None = None, couch: str | None = None, **overrides: Any
-    ) -> Vibed:
-        if realtime is not None:
-            overrides["extra"] = {"realtime": realtime}
-        config = make_config(tmp_path / f"v{len(started)}", couch or couch_url, **overrides)
-        v = Vibed(config)
-        await v.start()
-        started.append(v)
-        return v
-
-    yield factory
-    for v in started:
-        await v.stop()
+    vibeds = VibedSet(tmp_path, couch_url)
+    yield vibeds.start
+    await vibeds.stop()
 
 
 async def subscribe(client: Any, collection: str, since: str | None = None) -> dict[str, Any]:
@@ -239,7 +226,7 @@ async def test_couchdb_restart_while_writing_delivers_every_write_once(
     """The CouchDB server is killed and restarted while writes continue (a write that fails
     is retried until it succeeds): after recovery every committed write has reached the
     subscribed socket exactly once, in order, and the socket never closed."""
-    vibed = await make_vibed(couch=own_couch.url, couch_timeout="2")
+    vibed = await make_vibed(couch_url=own_couch.url, couch_timeout="2")
     vibed.couch.timeout = 2.0
     me = await realtime_identity(vibed)
     client = await connect_realtime(vibed, me.token)

@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest_twisted
-from harness import Response, Vibed, make_config
+from harness import Response, Vibed, VibedSet
 from twisted.internet.defer import DeferredList, ensureDeferred
 
 PASSWORD = "correct horse battery"
@@ -31,19 +31,9 @@ def client() -> dict[str, str]:
 
 @pytest_twisted.async_yield_fixture
 async def make_vibed(tmp_path: Path, couch_url: str) -> AsyncIterator[VibedFactory]:
-    started: list[Vibed] = []
-
-    async def factory(**overrides: Any) -> Vibed:
-        overrides.setdefault("trusted_proxies", "127.0.0.1")
-        sub = tmp_path / f"v{len(started)}"
-        v = Vibed(make_config(sub, couch_url, **overrides))
-        await v.start()
-        started.append(v)
-        return v
-
-    yield factory
-    for v in started:
-        await v.stop()
+    vibeds = VibedSet(tmp_path, couch_url, trusted_proxies="127.0.0.1")
+    yield vibeds.start
+    await vibeds.stop()
 
 
 def assert_problem(resp: Response, status: int, slug: str | None = None) -> dict[str, Any]:
