@@ -820,3 +820,27 @@ async def test_data_routes_are_503_when_couchdb_is_down(tmp_path: Path) -> None:
             assert_problem(await v.request(method, path, body, token=tok), 503)
     finally:
         await v.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_nested_field_conditions_work_next_to_null_values(
+    vibed: Vibed, alice: Person
+) -> None:
+    """{"a": {"b": 1}} matches documents whose a.b is 1, even when other documents of the
+    collection have a: null (PouchDB Server fails on the nested form; vibed sends a.b), and
+    combines with a dotted condition on the same field."""
+    c = coll()
+    await create(vibed, alice, c, {"a": None, "n": 0})
+    await create(vibed, alice, c, {"a": {"b": 1}, "n": 1})
+    await create(vibed, alice, c, {"a": {"b": 2, "c.d": {"e": 5}}, "n": 2})
+    cases = [
+        ({"a": {"b": 1}}, [1]),
+        ({"a": {"b": {"$gt": 1}}}, [2]),
+        ({"a": {"b": {"$gte": 1}}, "a.b": {"$lt": 2}}, [1]),
+        ({"a": {"c\\.d": {"e": 5}}}, [2]),
+        ({"$or": [{"a": {"b": 1}}, {"n": 0}]}, [0, 1]),
+    ]
+    for selector, expected in cases:
+        resp = await vibed.request("GET", url(c, q=selector), token=alice.token)
+        assert resp.code == 200, (selector, resp.content)
+        assert sorted(d["n"] for d in resp.json()["docs"]) == expected, selector

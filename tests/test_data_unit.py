@@ -192,7 +192,9 @@ def test_selector_rewrites() -> None:
         "n": {"$eq": 1},
     }
     assert checker.selector({"$or": [{"_id": {"$in": ["a", "b"]}}, {"a": {"b": [1]}}]}) == {
-        "$or": [{"_id": {"$in": ["notes:a", "notes:b"]}}, {"a": {"b": {"$eq": [1]}}}]
+        # a nested-field condition goes out as its dotted path (PouchDB fails on the nested
+        # form when some document has a: null)
+        "$or": [{"_id": {"$in": ["notes:a", "notes:b"]}}, {"a.b": {"$eq": [1]}}]
     }
     assert checker.selector({"tags": {"$elemMatch": {"$eq": "x"}}}) == {
         "tags": {"$elemMatch": {"$eq": "x"}}

@@ -218,6 +218,15 @@ def parse_limit(raw: str | None) -> int:
 # -- field paths -------------------------------------------------------------------------
 
 
+class _Nested(list[tuple[list[str], Any]]):
+    """Conditions on nested fields, each with its path from the selector's level."""
+
+
+def _dotted(parts: list[str]) -> str:
+    """The Mango dotted path of ``parts`` (dots and backslashes in a name escaped)."""
+    return ".".join(p.replace("\\", "\\\\").replace(".", "\\.") for p in parts)
+
+
 def parse_field_path(name: str) -> list[str]:
     """Mango's dotted path: ``a.b`` is ``b`` inside ``a``; ``\\.`` is a literal dot."""
     parts: list[str] = []
@@ -407,6 +416,7 @@ class SelectorChecker:
         if not isinstance(value, dict):
             raise BadRequest("A Mango selector must be a JSON object.", slug="bad-query")
         out: dict[str, Any] = {}
+        flat: list[tuple[str, Any]] = []  # nested-field conditions, by dotted path
         for key, operand in value.items():
             if key in COMBINATION_OPERATORS and not top:
                 # PouchDB Server cannot apply them to an array's scalar elements.
@@ -431,8 +441,19 @@ class SelectorChecker:
                 out[key] = self.condition(key, operand, path=None, depth=depth + 1)
             else:
                 path = _check_field_name(key, top=top, what="'q'")
-                out[key] = self.field(path, operand, top=top, depth=depth + 1)
-        return out
+                cond = self.field(path, operand, top=top, depth=depth + 1)
+                if isinstance(cond, _Nested):
+                    flat.extend((_dotted(parts), c) for parts, c in cond)
+                else:
+                    out[key] = cond
+        if not flat:
+            return out
+        keys = [k for k, _ in flat] + list(out)
+        if len(set(keys)) == len(keys):
+            out.update(flat)
+            return out
+        # The same dotted path twice (e.g. {"a": {"b": 1}, "a.b": {"$gt": 0}}): AND them.
+        return {"$and": [{k: v} for k, v in out.items()] + [{k: v} for k, v in flat]}
 
     def field(self, path: list[str], value: Any, *, top: bool, depth: int) -> Any:
         """The value of a field key: an operator object, a nested-field object or a literal."""
@@ -452,12 +473,18 @@ class SelectorChecker:
         if isinstance(value, dict):
             if not value:
                 raise BadRequest('To match an empty object, write {"$eq": {}}.', slug="bad-query")
-            # {"a": {"b": 1}} is a condition on the nested field a.b.
-            out: dict[str, Any] = {}
+            # {"a": {"b": 1}} is a condition on the nested field a.b. It is sent as the dotted
+            # path "a.b": same meaning, and PouchDB Server fails on the nested form as soon
+            # as some document has a: null.
+            nested = _Nested()
             for key, operand in value.items():
                 sub = _check_field_name(key, top=False, what="'q'")
-                out[key] = self.field(path + sub, operand, top=False, depth=depth + 1)
-            return out
+                cond = self.field(path + sub, operand, top=False, depth=depth + 1)
+                if isinstance(cond, _Nested):
+                    nested.extend(cond)
+                else:
+                    nested.append((path + sub, cond))
+            return nested
         # An implicit equality made explicit: same meaning in Mango, and PouchDB Server
         # then compares the value instead of walking it as a selector.
         return {"$eq": self.literal(value)}
