@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_twisted
 import treq
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -144,6 +145,25 @@ async def test_no_auth_closes_after_the_timeout(vibed: Vibed) -> None:
     assert await client.wait_closed() == CLOSE_UNAUTHORIZED
     assert time.monotonic() - started >= 0.9
     assert not realtime_service(vibed).sockets
+
+
+@pytest_twisted.ensureDeferred
+async def test_sockets_waiting_for_auth_are_capped(make_vibed: VibedFactory) -> None:
+    """Past ``max_unauthenticated`` open sockets without a token, new handshakes are refused
+    (503) instead of piling up; a socket with a token in its URL is still welcome, and once
+    a waiting socket authenticates another may wait again."""
+    vibed = await make_vibed(realtime={"auth_timeout": 5.0, "max_unauthenticated": 2})
+    waiting = [await connect_realtime(vibed), await connect_realtime(vibed)]
+    with pytest.raises(ConnectionError):
+        await connect_realtime(vibed)
+    me = await realtime_identity(vibed)
+    authed = await connect_realtime(vibed, me.token)
+    waiting[0].send({"type": "auth", "token": me.token})
+    assert (await waiting[0].next_of("authenticated"))["type"] == "authenticated"
+    third = await connect_realtime(vibed)
+    for client in (*waiting, authed, third):
+        client.transport.loseConnection()
+        await client.wait_closed()
 
 
 @pytest_twisted.ensureDeferred

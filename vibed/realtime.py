@@ -145,6 +145,7 @@ class RealtimeSettings:
     """Tunables of the realtime surface; ``Config.extra["realtime"]`` overrides them."""
 
     auth_timeout: float = 10.0  # seconds to authenticate after the socket opens
+    max_unauthenticated: int = 1000  # open sockets still waiting for a token, in all
     expiry_grace: float = float(LEEWAY)  # seconds past ``exp``, as the HTTP API allows
     queue_messages: int = 1000  # per-socket send queue, messages...
     queue_bytes: int = 4 * 1024 * 1024  # ...and bytes (one larger message fits an empty queue)
@@ -768,6 +769,11 @@ class RealtimeProtocol(WebSocketServerProtocol):
         tokens = request.params.get("access_token")
         if tokens:
             self._query_token = tokens[0]
+        elif sum(1 for s in self.service.sockets if s.claims is None) >= (
+            self.settings.max_unauthenticated
+        ):
+            # Each waits auth_timeout at most, but a flood of them must not pile up.
+            raise ConnectionDeny(503, "Too many sockets waiting to authenticate; retry shortly.")
         return None
 
     @_guarded
