@@ -89,6 +89,11 @@ OPTIONS: list[tuple[str, str | None, str]] = [
     ("realtime-queue-bytes", "4194304", "Bytes queued for one slow socket before it is closed."),
     ("realtime-max-subscriptions", "64", "Subscriptions one socket may hold."),
     ("realtime-ping-interval", "20", "Seconds between WebSocket pings (0: none)."),
+    (
+        "realtime-max-unauthenticated",
+        "1000",
+        "Open sockets waiting for a token, in all, before new handshakes get 503.",
+    ),
     ("realtime-ping-timeout", "10", "Seconds a pong may take before the peer is dropped."),
 ]
 
@@ -245,6 +250,9 @@ class Config:
                 _non_negative_int("realtime-ping-interval", raw["realtime-ping-interval"])
             ),
             "ping_timeout": _positive_float("realtime-ping-timeout", raw["realtime-ping-timeout"]),
+            "max_unauthenticated": _positive_int(
+                "realtime-max-unauthenticated", raw["realtime-max-unauthenticated"], 10**7
+            ),
         }
         return cls(
             extra={"realtime": realtime},
