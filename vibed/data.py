@@ -473,6 +473,10 @@ class SelectorChecker:
         if isinstance(value, dict):
             if not value:
                 raise BadRequest('To match an empty object, write {"$eq": {}}.', slug="bad-query")
+            if top and path[0].startswith("_"):
+                raise BadRequest(
+                    f"{path[0]} is a string: it has no fields to match.", slug="bad-query"
+                )
             # {"a": {"b": 1}} is a condition on the nested field a.b. It is sent as the dotted
             # path "a.b": same meaning, and PouchDB Server fails on the nested form as soon
             # as some document has a: null.
