@@ -100,7 +100,7 @@ class PurgeService(Service):
         self, jobs: list[Callable[[], Awaitable[int]]], interval: float, reactor: Any
     ) -> None:
         self.jobs = jobs
-        self._loop = LoopingCall(self._tick)
+        self._loop = LoopingCall(self.tick)
         self._loop.clock = reactor
         self.interval = interval
 
@@ -114,15 +114,19 @@ class PurgeService(Service):
             self._loop.stop()
         return None
 
-    def _tick(self) -> Deferred[None]:
+    def tick(self) -> Deferred[int]:
+        """One round of every job; fires with how many records they removed in all."""
         return ensureDeferred(self._run_jobs())
 
-    async def _run_jobs(self) -> None:
+    async def _run_jobs(self) -> int:
+        total = 0
         for job in self.jobs:
             try:
                 removed = await job()
                 if removed:
-                    _log.debug("Purged {n} expired records", n=removed)
+                    _log.info("Purged {n} expired records", n=removed)
+                total += removed
             except Exception:
                 # So a single error won't kill the loop.
                 _log.failure("Purge job failed; will retry next round")
+        return total

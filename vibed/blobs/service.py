@@ -25,9 +25,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from attrs import define, field
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from vibed.blobs import (
@@ -39,6 +36,7 @@ from vibed.blobs import (
     mime_allowed,
     object_key,
 )
+from vibed.bootstrap import PurgeService
 from vibed.couch import CouchConflict, CouchDatabase, CouchError, CouchNotFound, CouchServer
 from vibed.errors import (
     BadRequest,
@@ -419,9 +417,10 @@ class BlobService:
             pass  # another replica's cleanup got there first
 
 
-class CleanupService(Service):
+class CleanupService(PurgeService):
     """Runs :meth:`BlobService.cleanup` every minute (and sweeps the local store's abandoned
-    temporary files); an error is logged, never fatal to the loop."""
+    temporary files); an error is logged, never fatal to the loop. ``tick()`` fires with the
+    number of upload records removed."""
 
     def __init__(
         self,
@@ -432,36 +431,9 @@ class CleanupService(Service):
     ) -> None:
         self.blobs = blobs
         self.local = local
-        self.interval = interval
-        self._loop = LoopingCall(self.tick)
-        self._loop.clock = reactor
+        super().__init__([blobs.cleanup, self._sweep], interval, reactor)
 
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
-        return None
-
-    def tick(self) -> Deferred[int]:
-        """One round; fires with the number of upload records removed."""
-        return Deferred.fromCoroutine(self._round())
-
-    async def _round(self) -> int:
-        removed = 0
-        try:
-            removed = await self.blobs.cleanup()
-            if removed:
-                _log.info("Cleaned up {n} expired uploads", n=removed)
-        except Exception:
-            # So a single error won't kill the loop.
-            _log.failure("Blob cleanup failed; will retry next round")
+    async def _sweep(self) -> int:
         if self.local is not None:
-            try:
-                self.local.sweep_incoming(older_than=self.blobs.upload_ttl + CLEANUP_AFTER + 3600)
-            except Exception:
-                _log.failure("Sweeping the blob directory failed")
-        return removed
+            self.local.sweep_incoming(older_than=self.blobs.upload_ttl + CLEANUP_AFTER + 3600)
+        return 0
