@@ -10,11 +10,15 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_twisted
 from hypothesis import settings
+
+from vibed.embedded import pouchdb_server_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,18 +58,7 @@ class PouchServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [
-                pouchdb_server_bin(),
-                "--port",
-                str(self.port),
-                "--host",
-                "127.0.0.1",
-                "--dir",
-                str(self.data_dir),
-                "--config",
-                str(self.data_dir / "config.json"),
-                "--no-stdout-logs",
-            ],
+            [pouchdb_server_bin(), *pouchdb_server_args(self.port, self.data_dir)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -156,3 +149,13 @@ def s3_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.start()
     yield server.url
     server.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def make_vibed(tmp_path: Path, couch_url: str) -> AsyncIterator[Any]:
+    """Starts vibeds for this test (``make_vibed(**config_overrides)``), stops them after."""
+    from harness import VibedSet
+
+    vibeds = VibedSet(tmp_path, couch_url)
+    yield vibeds.start
+    await vibeds.stop()

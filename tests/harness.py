@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +178,9 @@ class Response:
 
 
 # -- blobs ---------------------------------------------------------------------------------
+
+
+VibedFactory = Callable[..., Awaitable[Vibed]]
 
 
 class VibedSet:

@@ -6,7 +6,7 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from harness import FakeClock, Vibed, VibedSet, make_config
+from harness import FakeClock, Vibed, VibedFactory, make_config
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.logger import globalLogPublisher
 
@@ -26,18 +26,10 @@ from vibed.keys import b64decode, b64url_encode, derive_wrap_key, unwrap_seed
 from vibed.naming import IDENTITIES_DB, identity_dbs
 
 PASSWORD = "correct horse battery"
-VibedFactory = Callable[..., Awaitable[Vibed]]
 
 
 def email() -> str:
     return f"person-{uuid.uuid4().hex[:12]}@example.org"
-
-
-@pytest_twisted.async_yield_fixture
-async def make_vibed(tmp_path: Path, couch_url: str) -> AsyncIterator[VibedFactory]:
-    vibeds = VibedSet(tmp_path, couch_url)
-    yield vibeds.start
-    await vibeds.stop()
 
 
 @pytest_twisted.async_yield_fixture

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness import (
     FakeClock,
     Vibed,
-    VibedSet,
+    VibedFactory,
     connect_realtime,
     put_doc,
     realtime_identity,
@@ -30,15 +29,6 @@ from vibed.realtime import (
     CLOSE_UNAUTHORIZED,
 )
 from vibed.tokens import TokenIssuer
-
-VibedFactory = Callable[..., Awaitable[Vibed]]
-
-
-@pytest_twisted.async_yield_fixture
-async def make_vibed(tmp_path: Path, couch_url: str) -> AsyncIterator[VibedFactory]:
-    vibeds = VibedSet(tmp_path, couch_url)
-    yield vibeds.start
-    await vibeds.stop()
 
 
 @pytest_twisted.async_yield_fixture

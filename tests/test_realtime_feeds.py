@@ -4,15 +4,13 @@ CouchDB outage, slow and dead clients, shutdown. Real vibed, real PouchDB Server
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest_twisted
 from conftest import PouchServer
 from harness import (
-    Vibed,
-    VibedSet,
+    VibedFactory,
     connect_realtime,
     put_doc,
     realtime_identity,
@@ -27,15 +25,6 @@ from twisted.internet.threads import deferToThread
 from vibed.couch import CouchError
 from vibed.layout import to_storage
 from vibed.realtime import CLOSE_TOO_SLOW
-
-VibedFactory = Callable[..., Awaitable[Vibed]]
-
-
-@pytest_twisted.async_yield_fixture
-async def make_vibed(tmp_path: Path, couch_url: str) -> AsyncIterator[VibedFactory]:
-    vibeds = VibedSet(tmp_path, couch_url)
-    yield vibeds.start
-    await vibeds.stop()
 
 
 async def subscribe(client: Any, collection: str, since: str | None = None) -> dict[str, Any]:

@@ -129,6 +129,21 @@ class _ChildProtocol(ProcessProtocol):
         self._owner._child_ended(self._generation, reason)
 
 
+def pouchdb_server_args(port: int, data_dir: Path) -> list[str]:
+    """PouchDB Server's arguments: loopback only, data and config under ``data_dir``."""
+    return [
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--dir",
+        str(data_dir),
+        "--config",
+        str(data_dir / "config.json"),
+        "--no-stdout-logs",
+    ]
+
+
 class EmbeddedCouch(Service):
     """A PouchDB Server child on ``127.0.0.1:<port>``, supervised; see the module docstring."""
 
@@ -193,15 +208,7 @@ class EmbeddedCouch(Service):
         return [
             *([setsid] if setsid else []),
             *_command(find_pouchdb_server(self._explicit)),
-            "--port",
-            str(self.port),
-            "--host",
-            "127.0.0.1",
-            "--dir",
-            str(self.data_dir),
-            "--config",
-            str(self.data_dir / "config.json"),
-            "--no-stdout-logs",
+            *pouchdb_server_args(self.port, self.data_dir),
         ]
 
     def whenReady(self) -> Deferred[str]:
