@@ -81,6 +81,7 @@ class Vibed:
         self.bootstrap.last_error = None
         for service in self.parts.services:
             service.startService()
+        await self.parts.revocations.when_ready()
         self.port = reactor.listenTCP(0, self.parts.site(), interface="127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port.getHost().port}"
         return self

@@ -350,7 +350,7 @@ async def test_jwks_verifies_issued_tokens(vibed: Vibed) -> None:
     claims = jwt.decode(
         token, key.key, algorithms=["EdDSA"], audience="http://vibe.test", issuer="http://vibe.test"
     )
-    assert claims["scp"] == ["data:*", "blob:*"]
+    assert claims["scp"] == ["identity", "data:*", "blob:*"]
     assert jwt.get_unverified_header(token)["kid"] == entry["kid"]
     assert claims["exp"] - claims["iat"] == 900
 

@@ -10,7 +10,8 @@ REFRESH_DB = "vibe_refresh"
 NONCES_DB = "vibe_nonces"
 RATELIMIT_DB = "vibe_ratelimit"
 UPLOADS_DB = "vibe_uploads"  # blob uploads signed but not yet finalized (all identities)
-SYSTEM_DBS = (IDENTITIES_DB, REFRESH_DB, NONCES_DB, RATELIMIT_DB, UPLOADS_DB)
+REVOCATIONS_DB = "vibe_revocations"  # revoked sessions/grants/identities, until tokens expire
+SYSTEM_DBS = (IDENTITIES_DB, REFRESH_DB, NONCES_DB, RATELIMIT_DB, UPLOADS_DB, REVOCATIONS_DB)
 
 IDENTITY_DB_KINDS = ("data", "permissions", "groups")
 

@@ -48,10 +48,12 @@ Server -> client:
     reached: subscribe again), ``not-found`` (the identity's database is gone), ``internal``.
 
 Close codes: 1001 server shutting down, 1007 text frame not UTF-8, 1009 message over the size
-limit, 1011 unexpected server error, 4001 not authenticated (no token within the timeout, an
-invalid/expired/forged token, or a message other than ``auth`` first), 4002 the token expired
-and no fresh one was sent, 4003 a fresh token for another identity, 4008 the client did not
-read fast enough (its send queue passed the limit).
+limit, 1011 unexpected server error, 1013 tokens cannot be checked right now (reconnect
+shortly), 4001 not authenticated (no token within the timeout, an invalid/expired/forged or
+revoked token, or a message other than ``auth`` first), 4002 the token expired and no fresh
+one was sent, 4003 a fresh token for another identity, 4004 the session, grant or identity
+was revoked (log in or authorize again; do not just reconnect), 4008 the client did not read
+fast enough (its send queue passed the limit).
 
 Fan-out and hand-over
 ---------------------
@@ -101,11 +103,13 @@ from vibed.couch.client import ChangesFeed, CouchDatabase
 from vibed.couch.errors import CouchBadRequest, CouchError, CouchNotFound, CouchUnavailable
 from vibed.layout import from_storage, split_storage_id, valid_collection
 from vibed.naming import identity_db
+from vibed.revocation import RevocationsUnavailable
 from vibed.tokens import LEEWAY, AccessClaims, InvalidToken, TokenIssuer
 
 __all__ = [
     "CATCHING_UP",
     "CLOSE_FORBIDDEN",
+    "CLOSE_REVOKED",
     "CLOSE_TOKEN_EXPIRED",
     "CLOSE_TOO_SLOW",
     "CLOSE_UNAUTHORIZED",
@@ -129,6 +133,8 @@ CLOSE_UNAUTHORIZED = 4001
 CLOSE_TOKEN_EXPIRED = 4002
 CLOSE_FORBIDDEN = 4003
 CLOSE_TOO_SLOW = 4008
+CLOSE_REVOKED = 4004
+CLOSE_TRY_AGAIN = 1013
 
 #: What a ``since`` may look like: CouchDB 3 (``N-<base64url>``) and integer seqs. Checked
 #: before a URL is built; what the server makes of it is then its business.
@@ -882,6 +888,9 @@ class RealtimeProtocol(WebSocketServerProtocol):
         except InvalidToken as exc:
             self._close(CLOSE_UNAUTHORIZED, f"The access token was refused: {exc}.")
             return
+        except RevocationsUnavailable:
+            self._close(CLOSE_TRY_AGAIN, "Tokens cannot be checked right now; reconnect shortly.")
+            return
         except ValueError:
             self._close(CLOSE_UNAUTHORIZED, "The access token names no identity.")
             return
@@ -1073,6 +1082,9 @@ class RealtimeProtocol(WebSocketServerProtocol):
         if self.claims is None:
             self._close(CLOSE_UNAUTHORIZED, "No access token was sent in time.")
 
+    def revoked(self) -> None:
+        self._close(CLOSE_REVOKED, "Access was revoked (logged out, or the app's grant ended).")
+
     def going_away(self) -> None:
         self._close(CLOSE_GOING_AWAY, "The server is shutting down; reconnect with since.")
 
@@ -1181,6 +1193,20 @@ class RealtimeService(Service):
 
     def resource(self) -> IResource:
         return cast(IResource, self._resource)
+
+    def revoked(self, kind: str, value: str) -> None:
+        """A session, grant or identity was revoked: close its sockets (4004) now, not at
+        the token's ``exp``."""
+        for socket in list(self.sockets):
+            claims = socket.claims
+            if claims is None:
+                continue
+            if (
+                (kind == "sid" and claims.sid == value)
+                or (kind == "gid" and claims.gid == value)
+                or (kind == "sub" and claims.sub == value)
+            ):
+                socket.revoked()
 
     def startService(self) -> None:  # noqa: N802 (Twisted API)
         super().startService()

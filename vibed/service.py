@@ -28,11 +28,12 @@ from vibed.config import Config, ConfigError
 from vibed.couch import CouchServer
 from vibed.cpu import CPUPool, CryptoPool
 from vibed.identity import IdentityService
-from vibed.naming import NONCES_DB, RATELIMIT_DB, REFRESH_DB
+from vibed.naming import NONCES_DB, RATELIMIT_DB, REFRESH_DB, REVOCATIONS_DB
 from vibed.ratelimit import RateLimiter
 from vibed.realtime import make_realtime
+from vibed.revocation import RevocationList
 from vibed.sessions import NonceStore, RefreshStore
-from vibed.tokens import TokenIssuer, load_or_create_signing_key
+from vibed.tokens import LEEWAY, TokenIssuer, load_or_create_signing_key
 from vibed.web import BodyPolicy, VibeSite
 
 _log = Logger(namespace="vibed.service")
@@ -89,6 +90,7 @@ class Components:
     refresh: RefreshStore
     nonces: NonceStore
     limiter: RateLimiter
+    revocations: RevocationList
     bootstrap: BootstrapService
     api: VibeAPI
     services: list[IService]  # started by makeService (or a test harness), stopped in reverse
@@ -125,6 +127,15 @@ def build(
         ttl=config.access_ttl,
         clock=clock,
     )
+    revocations = RevocationList(
+        couch.database(REVOCATIONS_DB),
+        # Long enough that no token a revocation could stop is still accepted after it.
+        ttl=config.access_ttl + 2 * LEEWAY,
+        reactor=reactor,
+        clock=clock,
+        wait_for=bootstrap.whenReady,
+    )
+    issuer.revocations = revocations
     identities = IdentityService(server=couch, pool=pool, clock=clock)
     refresh = RefreshStore(
         db=couch.database(REFRESH_DB),
@@ -132,6 +143,7 @@ def build(
         clock=clock,
         ttl=config.refresh_ttl,
         grace=config.refresh_grace,
+        revocations=revocations,
     )
     nonces = NonceStore(db=couch.database(NONCES_DB), clock=clock, ttl=config.nonce_ttl)
     limiter = RateLimiter(db=couch.database(RATELIMIT_DB), clock=clock)
@@ -145,6 +157,7 @@ def build(
     )
     data = make_data_api(config, couch, issuer)
     realtime = make_realtime(config, couch, issuer, reactor)
+    revocations.add_listener(realtime.revoked)
     blobs = make_blobs(config, couch, issuer, reactor, clock)
     api = VibeAPI(
         auth=auth,
@@ -155,6 +168,7 @@ def build(
         issuer=issuer,
         couch=couch,
         bootstrap=bootstrap,
+        revocations=revocations,
         public_url=config.public_url,
     )
     return Components(
@@ -166,9 +180,11 @@ def build(
         refresh=refresh,
         nonces=nonces,
         limiter=limiter,
+        revocations=revocations,
         bootstrap=bootstrap,
         api=api,
-        services=[realtime, *blobs.services],
+        # The revocation list first: tokens cannot be checked until it is loaded.
+        services=[revocations, realtime, *blobs.services],
         body_policies=blobs.body_policies,
     )
 
@@ -215,6 +231,7 @@ def makeService(config: Config, reactor: Any = None) -> MultiService:
             ),
             parts.nonces.purge,
             parts.refresh.purge,
+            parts.revocations.purge,
         ],
         interval=600,
         reactor=reactor,

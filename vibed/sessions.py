@@ -66,6 +66,8 @@ class RefreshStore:
     clock: Callable[[], float] = field(repr=False)
     ttl: int = 30 * 24 * 3600
     grace: int = 30
+    #: the process's RevocationList: a revoked family's access tokens stop too
+    revocations: Any = field(default=None, repr=False)
 
     async def create_family(self, idn: str) -> Rotation:
         """A new login: a new family and its first token."""
@@ -146,6 +148,10 @@ class RefreshStore:
             return None
 
     async def revoke_family(self, family: str) -> None:
+        """End session ``family``: its refresh tokens and (on every replica, within seconds)
+        its access tokens stop working."""
+        if self.revocations is not None:
+            await self.revocations.revoke_session(family)
         for _attempt in range(5):
             fam = await self._family(family)
             if fam is None or fam.get("revoked"):

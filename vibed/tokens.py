@@ -3,7 +3,8 @@
 Access tokens are compact JWS (JWT) signed with EdDSA (Ed25519)::
 
     header  {"alg": "EdDSA", "typ": "JWT", "kid": <RFC 7638 thumbprint of the key>}
-    claims  {"iss", "aud", "sub": identity id, "scp": [scope, ...], "iat", "exp", "jti"[, "sid"]}
+    claims  {"iss", "aud", "sub": identity id, "scp": [scope, ...], "iat", "exp", "jti"
+             [, "sid": session (refresh family)] [, "gid": grant id, "client_id": app origin]}
 
 Verification accepts EdDSA only, checks the ``kid`` before any signature work, and takes time
 from an injected clock, so tests move time instead of sleeping. Every replica loads the same
@@ -11,6 +12,8 @@ key file, so any replica verifies what another issued, and :meth:`TokenIssuer.de
 gives them all the same derived secrets.
 
 Everything here is pure and cheap (an Ed25519 signature is microseconds): no thread pool.
+A verified token is still refused when its session, grant or identity was revoked: the
+issuer asks the process's revocation list (:mod:`vibed.revocation`), a dict lookup.
 """
 
 from __future__ import annotations
@@ -132,6 +135,8 @@ class AccessClaims:
     iat: int
     jti: str
     sid: str | None
+    gid: str | None = None  # app tokens: the grant they were issued under
+    client_id: str | None = None  # app tokens: the app's origin
 
 
 def _is_int(value: object) -> bool:
@@ -148,6 +153,8 @@ class TokenIssuer:
     audience: str
     ttl: int = 900
     clock: Callable[[], float] = time.time
+    #: the process's RevocationList (anything with ``is_revoked(sub, iat, sid, gid)``)
+    revocations: Any = field(default=None, repr=False)
     kid: str = field(init=False)
     _public_key: Ed25519PublicKey = field(init=False, repr=False)
 
@@ -156,7 +163,13 @@ class TokenIssuer:
         self.kid = key_id(self._public_key)
 
     def issue_access(
-        self, sub: str, scopes: Sequence[str], *, sid: str | None = None
+        self,
+        sub: str,
+        scopes: Sequence[str],
+        *,
+        sid: str | None = None,
+        gid: str | None = None,
+        client_id: str | None = None,
     ) -> tuple[str, int]:
         """A signed access token for identity ``sub`` with ``scopes``; returns (jwt, exp)."""
         if isinstance(scopes, str):
@@ -176,6 +189,10 @@ class TokenIssuer:
         }
         if sid is not None:
             claims["sid"] = sid
+        if gid is not None:
+            claims["gid"] = gid
+        if client_id is not None:
+            claims["client_id"] = client_id
         token = jwt.encode(
             claims, self.key, algorithm="EdDSA", headers={"typ": "JWT", "kid": self.kid}
         )
@@ -186,7 +203,9 @@ class TokenIssuer:
 
         Raises :class:`InvalidToken` for anything else: another algorithm, another or no
         ``kid``, a bad signature, wrong ``iss``/``aud``, expiry (beyond 30 s of leeway), an
-        ``iat`` in the future, missing or mistyped claims, or text that is not a JWT.
+        ``iat`` in the future, missing or mistyped claims, text that is not a JWT, or a
+        token whose session, grant or identity was revoked. Raises
+        :class:`vibed.revocation.RevocationsUnavailable` when revocation cannot be checked.
         """
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LEN:
             raise InvalidToken("malformed token")
@@ -226,7 +245,12 @@ class TokenIssuer:
             raise InvalidToken("unsupported algorithm") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise InvalidToken("malformed token") from None
-        return self._check_claims(payload)
+        claims = self._check_claims(payload)
+        if self.revocations is not None and self.revocations.is_revoked(
+            claims.sub, claims.iat, claims.sid, claims.gid
+        ):
+            raise InvalidToken("token revoked")
+        return claims
 
     def _check_claims(self, payload: dict[str, Any]) -> AccessClaims:
         now = self.clock()
@@ -244,9 +268,20 @@ class TokenIssuer:
             raise InvalidToken("malformed scp claim")
         if not isinstance(jti, str) or not jti:
             raise InvalidToken("malformed jti claim")
-        if sid is not None and not isinstance(sid, str):
-            raise InvalidToken("malformed sid claim")
-        return AccessClaims(sub=sub, scp=tuple(scp), exp=exp, iat=iat, jti=jti, sid=sid)
+        gid, client_id = payload.get("gid"), payload.get("client_id")
+        for name, value in (("sid", sid), ("gid", gid), ("client_id", client_id)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise InvalidToken(f"malformed {name} claim")
+        return AccessClaims(
+            sub=sub,
+            scp=tuple(scp),
+            exp=exp,
+            iat=iat,
+            jti=jti,
+            sid=sid,
+            gid=gid,
+            client_id=client_id,
+        )
 
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         """The JSON Web Key Set served at ``/.well-known/jwks.json``."""

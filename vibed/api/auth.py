@@ -40,7 +40,10 @@ from .http import client_address, json_response, read_json_object, require_str
 _log = Logger(namespace="vibed.api.auth")
 
 COOKIE = b"vibe_refresh"
-SCOPES = ("data:*", "blob:*")
+#: Carried only by first-party tokens (password or DID login), never by an app's: the routes
+#: that manage the identity itself (grants, keys, password, export, delete) require it.
+FIRST_PARTY_SCOPE = "identity"
+SCOPES = (FIRST_PARTY_SCOPE, "data:*", "blob:*")
 LOGIN_FAILED = "The email or password is not right."
 
 

@@ -11,7 +11,15 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from vibed.errors import BadRequest, PayloadTooLarge, Unauthorized, UnsupportedMediaType
+from vibed.errors import (
+    BadRequest,
+    Forbidden,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from vibed.revocation import RevocationsUnavailable
 from vibed.tokens import AccessClaims, InvalidToken, TokenIssuer
 
 AUTH_BODY_LIMIT = 64 * 1024
@@ -145,6 +153,25 @@ def authenticate(request: IRequest, issuer: TokenIssuer) -> AccessClaims:
             slug="invalid-token",
             headers={"WWW-Authenticate": 'Bearer realm="vibe", error="invalid_token"'},
         ) from None
+    except RevocationsUnavailable:
+        # Not a verdict on the token: the client should retry, not log the person out.
+        raise ServiceUnavailable(
+            "Access tokens cannot be checked right now; try again shortly.",
+            headers={"Retry-After": "2"},
+        ) from None
+
+
+def require_scope(claims: AccessClaims, scope: str) -> None:
+    """403 (RFC 6750 ``insufficient_scope``) unless the token carries ``scope``."""
+    if scope not in claims.scp:
+        raise Forbidden(
+            f"This needs the {scope!r} scope, which this access token does not carry.",
+            slug="insufficient-scope",
+            headers={
+                "WWW-Authenticate": f'Bearer realm="vibe", error="insufficient_scope", '
+                f'scope="{scope}"'
+            },
+        )
 
 
 def client_address(request: IRequest, trusted: Sequence[Network]) -> str:

@@ -11,11 +11,12 @@ from twisted.web.resource import IResource
 
 from vibed.bootstrap import BootstrapService
 from vibed.couch import CouchError, CouchServer
-from vibed.errors import NotFound, ServiceUnavailable, install_error_handlers
+from vibed.errors import Forbidden, NotFound, ServiceUnavailable, install_error_handlers
 from vibed.identity import IdentityService, redact
+from vibed.revocation import RevocationList
 from vibed.tokens import TokenIssuer
 
-from .auth import AuthAPI
+from .auth import FIRST_PARTY_SCOPE, AuthAPI
 from .blob import BlobAPI
 from .data import DataAPI
 from .http import authenticate, json_response
@@ -43,6 +44,7 @@ class VibeAPI:
     issuer: TokenIssuer
     couch: CouchServer
     bootstrap: BootstrapService
+    revocations: RevocationList
     public_url: str
 
     app = Klein()
@@ -85,6 +87,8 @@ class VibeAPI:
     async def readyz(self, request: IRequest) -> bytes:
         if not self.bootstrap.ready:
             raise ServiceUnavailable(f"Not ready: {self.bootstrap.last_error}.", slug="not-ready")
+        if not self.revocations.ready:
+            raise ServiceUnavailable("Not ready: revocation list not loaded.", slug="not-ready")
         try:
             await self.couch.info()
         except CouchError as e:
@@ -105,11 +109,22 @@ class VibeAPI:
 
     @app.route("/me", methods=["GET"])
     async def me(self, request: IRequest) -> bytes:
+        # A token that grants nothing reads nothing; an app's token (data or blob scopes
+        # only) learns who it acts for (id, did:key) but not the email address.
         claims = authenticate(request, self.issuer)
+        if not claims.scp:
+            raise Forbidden(
+                "This access token carries no scope.",
+                slug="insufficient-scope",
+                headers={"WWW-Authenticate": 'Bearer realm="vibe", error="insufficient_scope"'},
+            )
         doc = await self.identities.get(claims.sub)
         if doc is None:
             raise NotFound("This identity no longer exists.")
-        return json_response(request, redact(doc))
+        public = redact(doc)
+        if FIRST_PARTY_SCOPE not in claims.scp:
+            public = {k: public[k] for k in ("id", "did", "publicKey") if k in public}
+        return json_response(request, public)
 
 
 def routes(api: VibeAPI) -> set[tuple[str, str]]:
