@@ -97,6 +97,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from vibed import strictjson
 from vibed.config import Config
 from vibed.couch import CouchServer
 from vibed.couch.client import ChangesFeed, CouchDatabase
@@ -348,13 +349,23 @@ class DatabaseFeed:
         self.hub.rows_seen += 1
         # Live subscriptions first: one that goes live below, on this very row, must not
         # receive it (its reads delivered it).
+        # One subscription's failure must never cost another its event: each is guarded.
         if change.collection is not None and change.payload is not None:
             for sub in list(self.live.get(change.collection, ())):
                 if sub.state == LIVE:
-                    self._deliver_live(sub, change)
+                    self._guard(self._deliver_live, sub, change)
         for sub in list(self.catching_up):
             if sub.state == CATCHING_UP:
-                self._buffer(sub, change)
+                self._guard(self._buffer, sub, change)
+
+    def _guard(
+        self, step: Callable[[Subscription, Change], None], sub: Subscription, change: Change
+    ) -> None:
+        try:
+            step(sub, change)
+        except Exception:
+            _log.failure("realtime: delivering a change of {db} failed", db=self.name)
+            self.hub.end(sub, "internal", "The subscription failed; subscribe again with since.")
 
     def _deliver_live(self, sub: Subscription, change: Change) -> None:
         assert change.payload is not None
@@ -683,26 +694,6 @@ def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _parse(payload: bytes) -> Any:
-    """Strict JSON: no duplicate keys, no NaN/Infinity. ValueError otherwise."""
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in items:
-            if key in out:
-                raise ValueError(f"duplicate key {key!r}")
-            out[key] = value
-        return out
-
-    def constant(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    try:
-        return json.loads(payload.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-
-
 def _short(text: str, limit: int = 120) -> str:
     """A close reason fits in 123 bytes of UTF-8."""
     data = text.encode("utf-8")[:limit]
@@ -751,6 +742,7 @@ class RealtimeProtocol(WebSocketServerProtocol):
         self._drain_waiters: list[Deferred[None]] = []
         self._gone_waiters: list[Deferred[None]] = []
         self._frames = 0
+        self._message_bytes = 0
         self._pending_pong: bytes | None = None
 
     @property
@@ -807,9 +799,9 @@ class RealtimeProtocol(WebSocketServerProtocol):
             self._refuse("bad-message", "Binary frames are not understood: send JSON text.")
             return
         try:
-            message = _parse(payload)
-        except ValueError as exc:
-            self._refuse("bad-json", f"The message is not valid JSON: {_short(str(exc), 200)}")
+            message = strictjson.loads(payload)
+        except strictjson.JSONError as exc:
+            self._refuse("bad-json", _short(str(exc), 200))
             return
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             self._refuse("bad-message", "A message is a JSON object with a string 'type'.")
@@ -830,14 +822,21 @@ class RealtimeProtocol(WebSocketServerProtocol):
 
     def onMessageBegin(self, isBinary: bool) -> None:  # noqa: N802, N803
         self._frames = 0
+        self._message_bytes = 0
         super().onMessageBegin(isBinary)
 
     def onMessageFrameBegin(self, length: int) -> None:  # noqa: N802
         self._frames += 1
+        self._message_bytes += length
         if self._frames > MAX_FRAMES_PER_MESSAGE and not self.failedByMe:
             self._fail_connection(
                 WebSocketServerProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
                 f"A message may be split into at most {MAX_FRAMES_PER_MESSAGE} frames.",
+            )
+        elif self._message_bytes > self.settings.max_message and not self.failedByMe:
+            self._fail_connection(
+                WebSocketServerProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG,
+                f"A message may be at most {self.settings.max_message} bytes.",
             )
         super().onMessageFrameBegin(length)
 
@@ -1027,7 +1026,16 @@ class RealtimeProtocol(WebSocketServerProtocol):
             self.high_water_messages = max(self.high_water_messages, len(self._queue))
             self.high_water_bytes = max(self.high_water_bytes, self._queued_bytes)
             return
-        self.sendMessage(payload, False)
+        self._send_message(payload)
+
+    def _send_message(self, payload: bytes) -> None:
+        """Hand one message to Autobahn. Whatever goes wrong ends this socket only: the
+        caller may be delivering the same change to other sockets."""
+        try:
+            self.sendMessage(payload, False)
+        except Exception:
+            _log.failure("realtime socket of {peer}: sending failed", peer=self.peer)
+            self._internal_error()
 
     def _flush(self) -> None:
         pong, self._pending_pong = self._pending_pong, None
@@ -1042,7 +1050,7 @@ class RealtimeProtocol(WebSocketServerProtocol):
                 break
             payload = self._queue.popleft()
             self._queued_bytes -= len(payload)
-            self.sendMessage(payload, False)
+            self._send_message(payload)
         if not self._queue and not self._paused:
             self._fire_drained()
 
@@ -1148,7 +1156,10 @@ class RealtimeFactory(WebSocketServerFactory):
         settings = service.settings
         self.setProtocolOptions(
             webStatus=False,  # no HTML status page (it names Autobahn's version)
-            maxMessagePayloadSize=settings.max_message,
+            # Autobahn applies maxMessagePayloadSize to what it sends too, and a change
+            # carries a document of up to 1 MiB: incoming messages are bounded in
+            # onMessageFrameBegin instead, outgoing ones by the send queue's limits.
+            maxMessagePayloadSize=0,
             maxFramePayloadSize=settings.max_message,
             autoPingInterval=settings.ping_interval,
             autoPingTimeout=settings.ping_timeout,
