@@ -19,12 +19,14 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from vibed.api.apps import AppsAPI, make_apps
 from vibed.api.auth import AuthAPI
 from vibed.api.data import make_data_api
 from vibed.api.root import VibeAPI
 from vibed.blobs import make_blobs
 from vibed.bootstrap import BootstrapService, PurgeService
 from vibed.config import Config, ConfigError
+from vibed.cors import CORSResource
 from vibed.couch import CouchServer
 from vibed.cpu import CPUPool, CryptoPool
 from vibed.identity import IdentityService
@@ -93,11 +95,12 @@ class Components:
     revocations: RevocationList
     bootstrap: BootstrapService
     api: VibeAPI
+    apps: AppsAPI
     services: list[IService]  # started by makeService (or a test harness), stopped in reverse
     body_policies: dict[bytes, BodyPolicy]
 
     def site(self) -> VibeSite:
-        return VibeSite(self.api.resource(), self.body_policies)
+        return VibeSite(CORSResource(self.api.resource()), self.body_policies)
 
 
 def build(
@@ -159,6 +162,7 @@ def build(
     realtime = make_realtime(config, couch, issuer, reactor)
     revocations.add_listener(realtime.revoked)
     blobs = make_blobs(config, couch, issuer, reactor, clock)
+    apps = make_apps(config, couch, auth, identities, issuer, refresh, revocations, clock)
     api = VibeAPI(
         auth=auth,
         data=data,
@@ -170,6 +174,7 @@ def build(
         bootstrap=bootstrap,
         revocations=revocations,
         public_url=config.public_url,
+        apps=apps,
     )
     return Components(
         config=config,
@@ -183,6 +188,7 @@ def build(
         revocations=revocations,
         bootstrap=bootstrap,
         api=api,
+        apps=apps,
         # The revocation list first: tokens cannot be checked until it is loaded.
         services=[revocations, realtime, *blobs.services],
         body_policies=blobs.body_policies,
@@ -231,6 +237,7 @@ def makeService(config: Config, reactor: Any = None) -> MultiService:
             ),
             parts.nonces.purge,
             parts.refresh.purge,
+            parts.apps.authority.codes.purge,
             parts.revocations.purge,
         ],
         interval=600,

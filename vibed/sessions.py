@@ -51,8 +51,10 @@ class RefreshRejected(Exception):
 class Rotation:
     idn: str
     family: str
-    token: str  # the successor, to set in the cookie
+    token: str  # the successor, to set in the cookie (or, for an app, to return)
     expires_at: int
+    grant: str | None = None  # an app's family: the grant it lives under
+    client_id: str | None = None  # an app's family: the app's origin
 
 
 def _token_id(token: str) -> str:
@@ -69,17 +71,39 @@ class RefreshStore:
     #: the process's RevocationList: a revoked family's access tokens stop too
     revocations: Any = field(default=None, repr=False)
 
-    async def create_family(self, idn: str) -> Rotation:
-        """A new login: a new family and its first token."""
-        family = secrets.token_hex(16)
+    async def create_family(
+        self,
+        idn: str,
+        *,
+        family: str | None = None,
+        grant: str | None = None,
+        client_id: str | None = None,
+    ) -> Rotation:
+        """A new login (or an app's new session under ``grant``, for ``client_id``): a new
+        family and its first token."""
+        family = family or secrets.token_hex(16)
         now = self.clock()
-        await self.db.put(
-            {"_id": f"fam:{family}", "idn": idn, "revoked": False, "createdAt": int(now)}
-        )
+        doc: dict[str, Any] = {
+            "_id": f"fam:{family}",
+            "idn": idn,
+            "revoked": False,
+            "createdAt": int(now),
+        }
+        if grant is not None:
+            doc["grant"] = grant
+            doc["clientId"] = client_id
+        await self.db.put(doc)
         token = f"rt1.{family}.{secrets.token_urlsafe(32)}"
         expires = int(now) + self.ttl
         await self._put_token(token, idn, family, expires)
-        return Rotation(idn=idn, family=family, token=token, expires_at=expires)
+        return Rotation(
+            idn=idn,
+            family=family,
+            token=token,
+            expires_at=expires,
+            grant=grant,
+            client_id=client_id,
+        )
 
     def _successor(self, token: str) -> str:
         family = token.split(".")[1]
@@ -100,8 +124,13 @@ class RefreshStore:
         except CouchConflict:
             pass  # another replica wrote the same (derived) successor first
 
-    async def rotate(self, token: str) -> Rotation:
-        """Exchange ``token`` for its successor, or raise :class:`RefreshRejected`."""
+    async def rotate(self, token: str, *, client_id: str | None = None) -> Rotation:
+        """Exchange ``token`` for its successor, or raise :class:`RefreshRejected`.
+
+        A token is only accepted where it was issued: an app's (``client_id`` = its origin)
+        at the token endpoint by that app, a first-party one (``client_id`` None) in the
+        cookie. A mismatch is refused before anything is rotated.
+        """
         match = _TOKEN.match(token or "")
         if match is None:
             raise RefreshRejected("malformed")
@@ -116,6 +145,9 @@ class RefreshStore:
             fam = await self._family(family)
             if fam is None or fam.get("revoked"):
                 raise RefreshRejected("revoked family")
+            if fam.get("clientId") != client_id:
+                raise RefreshRejected("issued to another client")
+            grant, fam_client = fam.get("grant"), fam.get("clientId")
             now = self.clock()
             if now > doc["expiresAt"]:
                 raise RefreshRejected("expired")
@@ -129,17 +161,34 @@ class RefreshStore:
                 except CouchConflict:
                     continue  # a concurrent rotation won; re-read and take the grace path
                 await self._put_token(successor, doc["idn"], family, expires)
-                return Rotation(idn=doc["idn"], family=family, token=successor, expires_at=expires)
+                return Rotation(
+                    doc["idn"], family, successor, expires, grant=grant, client_id=fam_client
+                )
             if now - float(rotated) <= self.grace:
                 # Same successor as the concurrent request got; make sure it is stored.
                 await self._put_token(successor, doc["idn"], family, expires)
-                return Rotation(idn=doc["idn"], family=family, token=successor, expires_at=expires)
+                return Rotation(
+                    doc["idn"], family, successor, expires, grant=grant, client_id=fam_client
+                )
             await self.revoke_family(family)
             _log.warn(
                 "Refresh token reused after rotation; family revoked for {idn}", idn=doc["idn"]
             )
             raise RefreshRejected("reuse")
         raise RefreshRejected("contention")
+
+    async def family_of(self, token: str) -> dict[str, Any] | None:
+        """The family document of a well-formed refresh token (revoked or not), or None."""
+        match = _TOKEN.match(token or "")
+        return None if match is None else await self._family(match.group(1))
+
+    async def session(self, family: str) -> str | None:
+        """The identity of a live (not revoked) family, or None."""
+        fam = await self._family(family) if re.fullmatch(r"[0-9a-f]{32}", family) else None
+        if fam is None or fam.get("revoked"):
+            return None
+        idn = fam.get("idn")
+        return idn if isinstance(idn, str) else None
 
     async def _family(self, family: str) -> dict[str, Any] | None:
         try:

@@ -123,13 +123,9 @@ class AuthAPI:
         for hit in hits:
             await self.limiter.release(hit)
 
-    # -- routes --------------------------------------------------------------------------
-
-    @app.route("/signup", methods=["POST"])
-    async def signup(self, request: IRequest) -> bytes:
-        body = read_json_object(request)
-        email = normalise_email(body.get("email"))
-        password = check_password(body.get("password"))
+    async def password_signup(self, request: IRequest, email: str, password: str) -> dict[str, Any]:
+        """Create an identity (rate-limited per address); its document. Shared by the API
+        and the signup page."""
         # Each signup costs an Argon2id hash and a scrypt derivation: bound it per address.
         address = client_address(request, self.config.trusted_proxies)
         key = f"signup:addr:{address}"
@@ -140,15 +136,11 @@ class AuthAPI:
         )
         doc = await self.identities.signup(email, password)
         _log.info("Identity created: {idn}", idn=doc["_id"])
-        return await self._login_response(request, doc, 201)
+        return doc
 
-    @app.route("/login", methods=["POST"])
-    async def login(self, request: IRequest) -> bytes:
-        body = read_json_object(request)
-        email = normalise_email(body.get("email"))
-        password = body.get("password")
-        if not isinstance(password, str) or not password or len(password) > 1024:
-            raise BadRequest("'password' is required and must be a string.")
+    async def password_login(self, request: IRequest, email: str, password: str) -> dict[str, Any]:
+        """The identity document for a right email and password (rate-limited per email and
+        address), or Unauthorized / TooManyRequests. Shared by the API and the login page."""
         address = client_address(request, self.config.trusted_proxies)
         keys = [
             (f"login:email:{email}", self.config.login_limit_per_email),
@@ -164,6 +156,32 @@ class AuthAPI:
             await self._release(hits)
             raise
         await self._release(hits)
+        return doc
+
+    async def start_session(self, request: IRequest, idn: str) -> Rotation:
+        """A new first-party session (refresh family) for ``idn``; sets the refresh cookie."""
+        rotation = await self.refresh.create_family(idn)
+        self._set_cookie(request, rotation)
+        return rotation
+
+    # -- routes --------------------------------------------------------------------------
+
+    @app.route("/signup", methods=["POST"])
+    async def signup(self, request: IRequest) -> bytes:
+        body = read_json_object(request)
+        email = normalise_email(body.get("email"))
+        password = check_password(body.get("password"))
+        doc = await self.password_signup(request, email, password)
+        return await self._login_response(request, doc, 201)
+
+    @app.route("/login", methods=["POST"])
+    async def login(self, request: IRequest) -> bytes:
+        body = read_json_object(request)
+        email = normalise_email(body.get("email"))
+        password = body.get("password")
+        if not isinstance(password, str) or not password or len(password) > 1024:
+            raise BadRequest("'password' is required and must be a string.")
+        doc = await self.password_login(request, email, password)
         return await self._login_response(request, doc)
 
     @app.route("/refresh", methods=["POST"])

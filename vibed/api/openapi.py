@@ -36,9 +36,9 @@ _COOKIE = {
 def openapi_document(public_url: str) -> dict[str, Any]:
     """The whole document: this module's paths plus each surface's OPENAPI_PATHS."""
     doc = _core_document(public_url)
-    from . import blob, data
+    from . import apps, blob, data
 
-    for surface in (data, blob):
+    for surface in (data, blob, apps):
         doc["paths"].update(surface.OPENAPI_PATHS)
         doc["components"]["schemas"].update(surface.OPENAPI_SCHEMAS)
     return doc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from attrs import define
@@ -16,6 +17,7 @@ from vibed.identity import IdentityService, redact
 from vibed.revocation import RevocationList
 from vibed.tokens import TokenIssuer
 
+from .apps import AppsAPI
 from .auth import FIRST_PARTY_SCOPE, AuthAPI
 from .blob import BlobAPI
 from .data import DataAPI
@@ -46,6 +48,7 @@ class VibeAPI:
     bootstrap: BootstrapService
     revocations: RevocationList
     public_url: str
+    apps: AppsAPI
 
     app = Klein()
     install_error_handlers(app)
@@ -57,6 +60,60 @@ class VibeAPI:
     def landing(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         return LANDING
+
+    # -- apps: OAuth, pages, grants, the SDK (vibed/api/apps.py) --------------------------------
+
+    @app.route("/auth/authorize", methods=["GET"])
+    async def authorize(self, request: IRequest) -> bytes:
+        return await self.apps.authorize(request)
+
+    @app.route("/auth/authorize", methods=["POST"])
+    async def authorize_decision(self, request: IRequest) -> bytes:
+        return await self.apps.authorize_post(request)
+
+    @app.route("/auth/token", methods=["POST"])
+    async def oauth_token(self, request: IRequest) -> bytes:
+        return await self.apps.token(request)
+
+    @app.route("/auth/revoke", methods=["POST"])
+    async def oauth_revoke(self, request: IRequest) -> bytes:
+        return await self.apps.revoke(request)
+
+    @app.route("/.well-known/oauth-authorization-server", methods=["GET"])
+    def oauth_metadata(self, request: IRequest) -> bytes:
+        return self.apps.metadata(request)
+
+    @app.route("/login", methods=["GET"])
+    def login_page(self, request: IRequest) -> bytes:
+        return self.apps.login_form(request)
+
+    @app.route("/login", methods=["POST"])
+    async def login_form(self, request: IRequest) -> bytes:
+        return await self.apps.login_submit(request)
+
+    @app.route("/signup", methods=["GET"])
+    def signup_page(self, request: IRequest) -> bytes:
+        return self.apps.login_form(request, signup=True)
+
+    @app.route("/signup", methods=["POST"])
+    async def signup_form(self, request: IRequest) -> bytes:
+        return await self.apps.login_submit(request, signup=True)
+
+    @app.route("/me/grants", methods=["GET"])
+    async def grants(self, request: IRequest) -> bytes:
+        return await self.apps.list_grants(request)
+
+    @app.route("/me/grants/<gid>", methods=["DELETE"])
+    async def revoke_grant(self, request: IRequest, gid: str) -> bytes:
+        return await self.apps.delete_grant(request, gid)
+
+    @app.route("/sdk/<path:name>", methods=["GET"])
+    def sdk_file(self, request: IRequest, name: str) -> bytes:
+        return self.apps.sdk.serve(request, name)
+
+    @app.route("/static/<path:name>", methods=["GET"])
+    def static_file(self, request: IRequest, name: str) -> bytes:
+        return self.apps.static.serve(request, name)
 
     @app.route("/auth/", branch=True)
     def auth_branch(self, request: IRequest) -> IResource:
@@ -136,7 +193,7 @@ def routes(api: VibeAPI) -> set[tuple[str, str]]:
             if rule.rule.endswith("/") and prefix + rule.rule.rstrip("/") in MOUNTS:
                 continue  # a branch mount, walked below
             path = prefix + rule.rule
-            path = path.replace("<", "{").replace(">", "}")
+            path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", path)
             for method in rule.methods or ():
                 if method not in ("HEAD", "OPTIONS"):
                     found.add((method, path))
