@@ -185,7 +185,9 @@ class AppAuthority:
             if family is None:
                 return
             if family.get("clientId") != client_id:
-                raise OAuthError("invalid_client", "This token was issued to another client.")
+                raise OAuthError(
+                    "invalid_client", "This token was issued to another client.", status=401
+                )
             await self.refresh.revoke(token)
             return
         try:
@@ -193,6 +195,8 @@ class AppAuthority:
         except InvalidToken:
             return
         if claims.client_id != client_id:
-            raise OAuthError("invalid_client", "This token was issued to another client.")
+            raise OAuthError(
+                "invalid_client", "This token was issued to another client.", status=401
+            )
         if claims.sid:
             await self.refresh.revoke_family(claims.sid)
