@@ -389,7 +389,7 @@ async def test_revoked_grant_token_refused_on_another_replica_within_5s(
     assert refresh.code == 400
 
 
-# -- CORS ---------------------------------------------------------------------------------------------
+# -- CORS ---------------------------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
-from urllib.parse import urlencode
 
 import pytest_twisted
 from harness import Vibed, VibedFactory
