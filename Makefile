@@ -6,6 +6,7 @@ PIP     = $(BIN)/pip
 PORT   ?= tcp:3000
 
 .PHONY: run test install lint typecheck pytest bench clean lock
+.PHONY: image test-infra infra-tools lock-infra
 
 # Stamp files make the install idempotent: re-run only when the inputs change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -26,8 +27,8 @@ run: install
 	$(BIN)/twistd -n vibed --port $(PORT)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check vibed twisted tests bench
-	$(BIN)/ruff format --check vibed twisted tests bench
+	$(BIN)/ruff check vibed twisted tests bench tests_infra infra
+	$(BIN)/ruff format --check vibed twisted tests bench tests_infra infra
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
@@ -48,4 +49,47 @@ lock:
 	  /tmp/vibed-lock/bin/pip freeze | grep -v -E '^(vibed|pip|setuptools)[= @]'; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) node_modules build *.egg-info
+	rm -rf $(VENV) $(INFRA_VENV) node_modules build *.egg-info
+
+# --- Image and infrastructure (docs/selfhost.md) ------------------------------------------
+# `make image` builds the Dockerfile with podman. What only this kind of machine needs (no
+# registry, so the base image is debootstrapped and imported; registries whose certificates
+# only the host's CA bundle trusts; no cgroups or user namespaces of its own) stays here and
+# in infra/podman/, never in the Dockerfile that users build.
+IMAGE        ?= localhost/vibed:dev
+INFRA_VENV   ?= .venv-infra
+CA_BUNDLE    ?= /etc/ssl/certs/ca-certificates.crt
+PODMAN_ENV    = CONTAINERS_CONF=$(CURDIR)/infra/podman/containers.conf
+comma        := ,
+VERSION      := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+image:
+	@tests_infra/host-tools.sh
+	$(PODMAN_ENV) infra/podman/base-image.sh
+	$(PODMAN_ENV) podman build --isolation chroot --network host --format docker --pull=never \
+	    $(if $(wildcard $(CA_BUNDLE)),--secret id=ca-bundle$(comma)src=$(CA_BUNDLE)) \
+	    --build-arg VERSION=$(VERSION) \
+	    --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	    --build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+	    -t $(IMAGE) .
+	@$(PODMAN_ENV) podman image inspect $(IMAGE) --format 'make image: $(IMAGE) {{.Size}} bytes'
+
+$(INFRA_VENV)/.installed: tests_infra/requirements.txt tests_infra/constraints.txt
+	$(PYTHON) -m venv $(INFRA_VENV)
+	$(INFRA_VENV)/bin/pip install --quiet -c tests_infra/constraints.txt -r tests_infra/requirements.txt
+	touch $@
+
+infra-tools: $(INFRA_VENV)/.installed
+	@tests_infra/host-tools.sh
+
+# Builds the image, then runs it, the self-host stack, and checks the chart, the Terraform,
+# the systemd unit and the CI workflow with real tools (tests_infra/README.md).
+test-infra: infra-tools image
+	IMAGE=$(IMAGE) $(PODMAN_ENV) $(INFRA_VENV)/bin/pytest -q -p no:cacheprovider tests_infra
+
+lock-infra:
+	rm -rf /tmp/vibed-lock-infra && $(PYTHON) -m venv /tmp/vibed-lock-infra
+	/tmp/vibed-lock-infra/bin/pip install --quiet -r tests_infra/requirements.txt
+	{ echo "# Every package of .venv-infra, pinned (pip -c). Regenerate: make lock-infra."; \
+	  /tmp/vibed-lock-infra/bin/pip freeze | grep -v -E '^(pip|setuptools)=='; } > tests_infra/constraints.txt
+
