@@ -169,7 +169,7 @@ async def test_consent_page_shows_origin_and_escapes_the_app_name(vibed: Vibed) 
     assert "default-src 'none'" in csp
     assert "form-action 'self' http://localhost:5173" in csp
     assert page.header("x-frame-options") == "DENY"
-    assert page.header("referrer-policy") == "no-referrer"
+    assert page.header("referrer-policy") == "same-origin"
 
 
 @pytest_twisted.ensureDeferred

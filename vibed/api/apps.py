@@ -126,7 +126,7 @@ def _redirect(request: IRequest, url: str) -> bytes:
     request.setResponseCode(303)
     request.setHeader(b"Location", url.encode("utf-8"))
     request.setHeader(b"Cache-Control", b"no-store")
-    request.setHeader(b"Referrer-Policy", b"no-referrer")
+    request.setHeader(b"Referrer-Policy", b"same-origin")
     return b""
 
 

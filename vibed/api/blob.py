@@ -79,6 +79,10 @@ class BlobAPI:
     async def download_url(self, request: IRequest, id: str) -> bytes:
         idn = self._idn(request)
         url, expires_at = await self.blobs.download_url(idn, id)
+        # A browser's fetch cannot read a redirect's target; one that asks for JSON alone
+        # gets the URL as a plain answer (the SDK's files.url).
+        if request.getHeader(b"accept") == b"application/json":
+            return json_response(request, {"url": url, "expiresAt": expires_at})
         body = json_response(request, {"url": url, "expiresAt": expires_at}, 302)
         request.setHeader(b"Location", url.encode("ascii"))
         return body
@@ -207,6 +211,7 @@ OPENAPI_PATHS: dict[str, Any] = {
             "summary": "Redirect to a short-lived signed download URL",
             "parameters": [_ID],
             "responses": {
+                "200": {"description": "With Accept: application/json: {url, expiresAt}"},
                 "302": {
                     "description": "Location: the signed URL (also in the body)",
                     "headers": {"Location": {"schema": {"type": "string"}}},
