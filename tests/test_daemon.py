@@ -48,6 +48,9 @@ def test_non_editable_install_ships_and_finds_the_plugin(tmp_path: Path) -> None
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/vibed_plugin.py" in names
     assert "twisted/plugins/__init__.py" not in names
+    # The browser SDK, the React hooks and the pages' styles ship in the wheel (vibed_web).
+    for name in ("sdk/vibe.js", "sdk/vibe.d.ts", "react/index.js", "static/vibe.css"):
+        assert f"vibed_web/{name}" in names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
@@ -64,6 +67,20 @@ def test_non_editable_install_ships_and_finds_the_plugin(tmp_path: Path) -> None
         timeout=600,
     )
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    found = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "from vibed.api.apps import web_dir; print(web_dir())",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+    assert found.startswith(str(venv)) and found.endswith("vibed_web"), found
     out = subprocess.run(
         [str(venv / "bin" / "twistd"), "--help"],
         capture_output=True,
