@@ -5,8 +5,13 @@ BIN     = $(VENV)/bin
 PIP     = $(BIN)/pip
 PORT   ?= tcp:3000
 
-.PHONY: run test install lint typecheck pytest bench clean lock
+.PHONY: run test install lint typecheck pytest bench clean lock browser
 .PHONY: image test-infra infra-tools lock-infra
+
+# The browser tests drive Debian's chromium through Playwright's executable_path (Playwright
+# never downloads a browser here). Installed when missing and we are root; elsewhere the
+# browser tests skip, saying why, except in CI, where a missing browser fails the run.
+CHROMIUM ?= /usr/bin/chromium
 
 # Stamp files make the install idempotent: re-run only when the inputs change.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -23,6 +28,16 @@ node_modules/.installed: package.json package-lock.json
 
 install: $(VENV)/.installed node_modules/.installed
 
+browser:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make: installing Debian's chromium for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "make: $(CHROMIUM) is missing (apt-get install chromium): browser tests will skip"; \
+	    test -z "$$CI"; \
+	  fi; }
+
 run: install
 	$(BIN)/twistd -n vibed --port $(PORT)
 
@@ -33,7 +48,7 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
-pytest: install
+pytest: install browser
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest

@@ -183,9 +183,7 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def until(
-    check: Any, within: float = 5.0, what: str = "condition", on_fail: Any = None
-) -> float:
+def until(check: Any, within: float = 5.0, what: str = "condition", on_fail: Any = None) -> float:
     """Seconds until ``check()`` is truthy (polled); AssertionError after ``within`` (with
     what ``on_fail()`` returns, e.g. after taking a screenshot)."""
     start = time.monotonic()

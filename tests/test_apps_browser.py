@@ -203,7 +203,7 @@ def react_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StaticSite]
             "--bundle",
             "--format=esm",
             "--jsx=automatic",
-            "--define:process.env.NODE_ENV=\"production\"",
+            '--define:process.env.NODE_ENV="production"',
             f"--alias:vibe-sdk={ROOT / 'web' / 'sdk' / 'vibe.js'}",
             f"--alias:vibe-react={ROOT / 'web' / 'react' / 'index.js'}",
             f"--outfile={out / 'app.js'}",

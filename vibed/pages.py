@@ -5,7 +5,8 @@ No framework and no script: semantic HTML forms POSTed back to the daemon, every
 text from a request or a database escaped, one stylesheet from ``/static/``. Every page is
 sent with a strict Content-Security-Policy (no scripts at all, ``frame-ancestors 'none'``),
 ``X-Frame-Options: DENY`` (the consent page must never be framed: clickjacking),
-``Referrer-Policy: same-origin`` (a form POST under ``no-referrer`` would carry ``Origin: null``) and ``Cache-Control: no-store``.
+``Referrer-Policy: same-origin`` (under ``no-referrer`` a form POST would carry
+``Origin: null``, which the forms' same-origin check refuses) and ``Cache-Control: no-store``.
 """
 
 from __future__ import annotations
