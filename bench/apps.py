@@ -51,7 +51,7 @@ class Session:
     async def go(
         self, method: str, path: str, form: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], bytes]:
-        headers = {}
+        headers: dict[bytes | str, bytes | str] = {}
         if self.cookies:
             headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
         data = None
@@ -117,7 +117,7 @@ async def post_form(s: Session, path: str, form: dict[str, str]) -> dict[str, An
     resp = await treq.post(
         s.base + path,
         data=urlencode(form).encode(),
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        headers={b"Content-Type": b"application/x-www-form-urlencoded"},
         pool=s.pool,
     )
     if resp.code != 200:
@@ -128,7 +128,7 @@ async def post_form(s: Session, path: str, form: dict[str, str]) -> dict[str, An
 
 async def read(s: Session, token: str) -> None:
     resp = await treq.get(
-        s.base + "/data/notes", headers={"Authorization": f"Bearer {token}"}, pool=s.pool
+        s.base + "/data/notes", headers={b"Authorization": f"Bearer {token}".encode()}, pool=s.pool
     )
     await resp.content()
     if resp.code != 200:
