@@ -29,6 +29,7 @@ import treq
 from twisted.internet import task
 from twisted.internet.defer import ensureDeferred
 from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -117,7 +118,7 @@ async def post_form(s: Session, path: str, form: dict[str, str]) -> dict[str, An
     resp = await treq.post(
         s.base + path,
         data=urlencode(form).encode(),
-        headers={b"Content-Type": b"application/x-www-form-urlencoded"},
+        headers=Headers({"Content-Type": ["application/x-www-form-urlencoded"]}),
         pool=s.pool,
     )
     if resp.code != 200:
@@ -128,7 +129,7 @@ async def post_form(s: Session, path: str, form: dict[str, str]) -> dict[str, An
 
 async def read(s: Session, token: str) -> None:
     resp = await treq.get(
-        s.base + "/data/notes", headers={b"Authorization": f"Bearer {token}".encode()}, pool=s.pool
+        s.base + "/data/notes", headers=Headers({"Authorization": [f"Bearer {token}"]}), pool=s.pool
     )
     await resp.content()
     if resp.code != 200:
