@@ -3,6 +3,7 @@ served on another origin than a real ``twistd vibed`` (issue 8, section 5)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -252,4 +253,42 @@ def test_react_hooks_live(browser: Any, server: VibedProcess, react_site: Static
     )
     shot(page, "react-hooks")
     assert errors == []
+    context.close()
+
+
+def test_sdk_uses_the_agent_when_present(
+    browser: Any, server: VibedProcess, notes_site: StaticSite
+) -> None:
+    """With an agent on the page (window.vibe: connect, identity, getToken, disconnect, on),
+    init() connects through it with the app's scopes and name instead of redirecting, the
+    app's calls carry the agent's token, and the agent's disconnect logs the app out."""
+    email, first_party = server.signup()
+    _, me = server.call("GET", "/me", token=first_party)
+    context = browser.new_context()
+    identity = json.dumps({"id": me["id"], "did": me["did"]})
+    context.add_init_script(
+        "window.vibe = {"
+        " identity: null, calls: [], listeners: {},"
+        " async connect(options) {"
+        f"  this.calls.push(options); this.identity = {identity};"
+        "   return { identity: this.identity }; },"
+        f" async getToken() {{ return {json.dumps(first_party)}; }},"
+        " async disconnect() { this.identity = null; },"
+        " on(event, listener) { this.listeners[event] = listener; },"
+        "};"
+    )
+    page = context.new_page()
+    page.goto(f"{notes_site.origin}/?server={quote(server.url, safe='')}")
+    page.wait_for_selector("#app:not([hidden])")
+    assert page.url.startswith(notes_site.origin)  # no redirect to the server
+    calls = page.evaluate("() => window.vibe.calls")
+    assert calls == [{"scopes": ["data:write:notes"], "appName": "Notes (example)"}]
+    assert me["did"] in (page.text_content("#who") or "")
+    page.fill("#title", "Through the agent")
+    page.click("#new-note button")
+    until(lambda: "Through the agent" in note_titles(page), what="note written via the agent")
+    code, body = server.call("GET", "/data/notes", token=first_party)
+    assert [d["title"] for d in body["docs"]] == ["Through the agent"]
+    page.evaluate("() => window.vibe.listeners.disconnect()")
+    until(lambda: page.text_content("#status") == "Logged out", what="agent disconnect")
     context.close()
