@@ -261,7 +261,9 @@ def test_sdk_uses_the_agent_when_present(
 ) -> None:
     """With an agent on the page (window.vibe: connect, identity, getToken, disconnect, on),
     init() connects through it with the app's scopes and name instead of redirecting, the
-    app's calls carry the agent's token, and the agent's disconnect logs the app out."""
+    app's calls carry the agent's token (notes; files uploaded with progress, a signed URL,
+    listed, deleted; a typed error for a missing note), and the agent's disconnect logs the
+    app out."""
     email, first_party = server.signup()
     _, me = server.call("GET", "/me", token=first_party)
     context = browser.new_context()
@@ -289,6 +291,29 @@ def test_sdk_uses_the_agent_when_present(
     until(lambda: "Through the agent" in note_titles(page), what="note written via the agent")
     code, body = server.call("GET", "/data/notes", token=first_party)
     assert [d["title"] for d in body["docs"]] == ["Through the agent"]
+    # Files and typed errors through the SDK (the agent's token carries blob:*).
+    result = page.evaluate(
+        """async () => {
+          const vibe = window.notesApp.vibe;
+          const progress = [];
+          const blob = await vibe.files.upload(new Blob(["hello files"], {type: "text/plain"}),
+            {meta: {name: "hello.txt"}, onProgress: (p) => progress.push(p.loaded)});
+          const url = await vibe.files.url(blob.id);
+          const text = await (await fetch(url)).text();
+          const listed = (await vibe.files.list({limit: 10})).blobs.map((b) => b.id);
+          await vibe.files.delete(blob.id);
+          const after = (await vibe.files.list()).blobs.length;
+          let error = null;
+          try { await vibe.collection("notes").get("missing"); }
+          catch (e) { error = {name: e.name, status: e.status, code: e.code}; }
+          return {size: blob.size, meta: blob.meta, text, listed, id: blob.id, after,
+                  progress: progress.length > 0, error};
+        }"""
+    )
+    assert result["size"] == 11 and result["meta"] == {"name": "hello.txt"}
+    assert result["text"] == "hello files" and result["listed"] == [result["id"]]
+    assert result["after"] == 0 and result["progress"]
+    assert result["error"] == {"name": "VibeError", "status": 404, "code": "not-found"}
     page.evaluate("() => window.vibe.listeners.disconnect()")
     until(lambda: page.text_content("#status") == "Logged out", what="agent disconnect")
     context.close()
