@@ -108,6 +108,9 @@ class VibedProcess:
                 str(tmp / "vibe-data"),
                 "--public-url",
                 self.url,
+                # The session's CouchDB counts every test's signups from 127.0.0.1.
+                "--signup-limit",
+                "1000000",
             ],
             tmp / "vibed.log",
             cwd=tmp,
