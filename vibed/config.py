@@ -69,6 +69,12 @@ OPTIONS: list[tuple[str, str | None, str]] = [
         None,
         "S3 endpoint URL (MinIO, Scaleway, moto...); default AWS for the region.",
     ),
+    (
+        "s3-public-endpoint",
+        None,
+        "S3 endpoint URL that clients use with signed URLs, when it is not --s3-endpoint "
+        "(S3 behind a reverse proxy that vibed reaches by an internal name).",
+    ),
     ("s3-region", "us-east-1", "S3 region (signing)."),
     ("s3-bucket", "vibe-objects", "S3 bucket holding every identity's objects."),
     ("s3-access-key-id", None, "S3 access key id (or AWS_ACCESS_KEY_ID)."),
@@ -125,6 +131,7 @@ class Config:
     couch_timeout: float
     blobs: str = "local"
     s3_endpoint: str | None = None
+    s3_public_endpoint: str | None = None
     s3_region: str = "us-east-1"
     s3_bucket: str = "vibe-objects"
     s3_access_key_id: str | None = field(default=None, repr=False)
@@ -219,10 +226,12 @@ class Config:
         if blobs not in ("local", "s3"):
             raise ConfigError("--blobs: expected 'local' or 's3'")
         s3_endpoint = raw["s3-endpoint"]
-        if s3_endpoint:
-            parts = urlsplit(s3_endpoint)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError("--s3-endpoint: expected an http(s):// URL")
+        s3_public_endpoint = raw.get("s3-public-endpoint")
+        for name, url in (("s3-endpoint", s3_endpoint), ("s3-public-endpoint", s3_public_endpoint)):
+            if url:
+                parts = urlsplit(url)
+                if parts.scheme not in ("http", "https") or not parts.hostname:
+                    raise ConfigError(f"--{name}: expected an http(s):// URL")
         addressing = (raw["s3-addressing"] or "path").strip()
         if addressing not in ("path", "virtual"):
             raise ConfigError("--s3-addressing: expected 'path' or 'virtual'")
@@ -259,6 +268,7 @@ class Config:
             signup_limit_per_address=_positive_int("signup-limit", raw["signup-limit"], 10**9),
             blobs=blobs,
             s3_endpoint=s3_endpoint or None,
+            s3_public_endpoint=s3_public_endpoint or None,
             s3_region=(raw["s3-region"] or "us-east-1").strip(),
             s3_bucket=bucket,
             s3_access_key_id=raw["s3-access-key-id"] or os.environ.get("AWS_ACCESS_KEY_ID"),

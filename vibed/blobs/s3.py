@@ -54,6 +54,9 @@ class S3Store:
     clock: Callable[[], float] = field(default=time.time, repr=False)
     pool: HTTPConnectionPool | None = field(default=None, repr=False)
     timeout: float = REQUEST_TIMEOUT
+    # Where clients reach the same bucket (signed URLs), when not at ``endpoint``: S3 behind a
+    # reverse proxy (the self-host compose file), which vibed itself reaches by an inner name.
+    public_endpoint: str | None = None
 
     kind = "s3"
 
@@ -71,6 +74,14 @@ class S3Store:
         parts = urlsplit(endpoint)
         if parts.path not in ("", "/") or parts.query:
             raise ConfigError("--s3-endpoint: expected scheme://host[:port] without a path")
+        public = None
+        if config.s3_public_endpoint:
+            pub = urlsplit(config.s3_public_endpoint)
+            if pub.path not in ("", "/") or pub.query:
+                raise ConfigError(
+                    "--s3-public-endpoint: expected scheme://host[:port] without a path"
+                )
+            public = f"{pub.scheme}://{pub.netloc}"
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 10
         return cls(
@@ -83,21 +94,26 @@ class S3Store:
             reactor=reactor,
             clock=clock,
             pool=pool,
+            public_endpoint=public,
         )
 
     # -- URLs ------------------------------------------------------------------------------
 
-    def bucket_url(self) -> str:
+    def bucket_url(self, endpoint: str | None = None) -> str:
+        endpoint = endpoint or self.endpoint
         if self.addressing == "virtual":
-            scheme, _, host = self.endpoint.partition("://")
+            scheme, _, host = endpoint.partition("://")
             return f"{scheme}://{self.bucket}.{host}/"
-        return f"{self.endpoint}/{self.bucket}"
+        return f"{endpoint}/{self.bucket}"
 
-    def object_url(self, key: str) -> str:
+    def object_url(self, key: str, endpoint: str | None = None) -> str:
         if not KEY_RE.match(key):
             raise ValueError("not an object key")
-        base = self.bucket_url().rstrip("/")
+        base = self.bucket_url(endpoint).rstrip("/")
         return f"{base}/{quote(key, safe='/')}"
+
+    def _public_object_url(self, key: str) -> str:
+        return self.object_url(key, self.public_endpoint)
 
     # -- signing (no network) --------------------------------------------------------------
 
@@ -109,11 +125,11 @@ class S3Store:
 
     def sign_upload(self, key: str, mime: str, size: int, expires_at: int) -> SignedRequest:
         headers = {"Content-Type": mime, "Content-Length": str(size)}
-        url = self._presign("PUT", self.object_url(key), dict(headers), expires_at)
+        url = self._presign("PUT", self._public_object_url(key), dict(headers), expires_at)
         return SignedRequest(method="PUT", url=url, headers=headers)
 
     def sign_download(self, key: str, mime: str, expires_at: int) -> str:
-        return self._presign("GET", self.object_url(key), {}, expires_at)
+        return self._presign("GET", self._public_object_url(key), {}, expires_at)
 
     # -- requests vibed makes --------------------------------------------------------------
 
