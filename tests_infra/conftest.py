@@ -159,4 +159,4 @@ def containers() -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        podman("rm", "-f", "-t", "2", name, check=False)
+        podman("rm", "-f", "-v", "-t", "2", name, check=False)
