@@ -1,4 +1,13 @@
-"""Test session fixtures: a real PouchDB Server (separate process) on a free port."""
+"""Test session fixtures: the real CouchDB-protocol servers, moto's S3, and vibeds on them.
+
+Integration tests reach CouchDB through ``couch_url`` (one server per engine for the session)
+or ``own_couch`` (a server of the test's own, to stop and restart). Both are parametrized by
+engine: PouchDB Server (the embedded default, always there after ``make install``) and Apache
+CouchDB 3.5 (the production engine), from ``../shared/tools/couchdb/couchdb-test-server``
+beside the checkout or from a ``VIBE_TEST_COUCHDB`` URL. Where neither exists (a fresh clone
+on its own) the CouchDB half skips with the reason. ``VIBE_TEST_ENGINES=pouchdb`` (or
+``couchdb``) runs one engine only.
+"""
 
 from __future__ import annotations
 
@@ -81,22 +90,119 @@ class PouchServer:
         self.proc = None
 
 
+def couchdb_test_server() -> Path | None:
+    """The shared ``couchdb-test-server`` script: ``shared/tools/couchdb/`` beside the checkout
+    (or beside one of its parent folders, for worktrees), None where there is none."""
+    for parent in ROOT.parents:
+        script = parent / "shared" / "tools" / "couchdb" / "couchdb-test-server"
+        if script.is_file():
+            return script
+    return None
+
+
+class ApacheCouch:
+    """An Apache CouchDB 3.5 started by the shared ``couchdb-test-server`` in ``data_dir``.
+
+    ``stop()`` then ``start()`` restarts the same server (same directory, data and port);
+    ``url`` carries the admin's credentials, as an operator's ``--couchdb`` URL does."""
+
+    def __init__(self, data_dir: Path, script: Path) -> None:
+        self.data_dir = data_dir
+        self.script = script
+        self.port = free_port()
+        self.url = f"http://admin:admin@127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        # Through bash: CI's copy of shared/ may have lost its mode bits.
+        subprocess.run(
+            ["bash", str(self.script), "start", str(self.data_dir), str(self.port)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            timeout=120,
+        )
+
+    def stop(self) -> None:
+        """A clean stop (SIGTERM, as an operator's restart does)."""
+        subprocess.run(["bash", str(self.script), "stop", str(self.data_dir)], check=True, timeout=60)
+
+    def discard(self) -> None:
+        """At the end of a test: SIGKILL, nothing to keep."""
+        pid_file = self.data_dir / "couchdb.pid"
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+        pid_file.unlink(missing_ok=True)
+
+
+CouchProcess = PouchServer | ApacheCouch
+
+ENGINES = ("pouchdb", "couchdb")
+
+
+def _engines() -> list[Any]:
+    wanted = os.environ.get("VIBE_TEST_ENGINES", ",".join(ENGINES)).split(",")
+    return [
+        pytest.param(engine, id=engine, marks=getattr(pytest.mark, engine))
+        for engine in ENGINES
+        if engine in wanted
+    ]
+
+
+def _no_couchdb() -> str:
+    return (
+        "Apache CouchDB is not available: no ../shared/tools/couchdb/couchdb-test-server "
+        "beside the checkout and no VIBE_TEST_COUCHDB URL (CI has them)"
+    )
+
+
+@pytest.fixture(scope="session", params=_engines())
+def couch_engine(request: pytest.FixtureRequest) -> str:
+    """The engine under test: ``pouchdb`` (PouchDB Server) or ``couchdb`` (Apache CouchDB)."""
+    engine: str = request.param
+    return engine
+
+
 @pytest.fixture(scope="session")
-def couch_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a PouchDB Server shared by the session; tests use unique database names."""
-    server = PouchServer(tmp_path_factory.mktemp("pouchdb"))
-    server.start()
-    yield server.url
-    server.stop()
+def couch_url(couch_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the engine's server shared by the session; tests use unique database names."""
+    if couch_engine == "pouchdb":
+        pouch = PouchServer(tmp_path_factory.mktemp("pouchdb"))
+        pouch.start()
+        yield pouch.url
+        pouch.stop()
+        return
+    external = os.environ.get("VIBE_TEST_COUCHDB")
+    if external:
+        yield external if external.endswith("/") else external + "/"
+        return
+    script = couchdb_test_server()
+    if script is None:
+        pytest.skip(_no_couchdb())
+    couch = ApacheCouch(tmp_path_factory.mktemp("couchdb"), script)
+    couch.start()
+    yield couch.url
+    couch.discard()
 
 
 @pytest.fixture
-def own_couch(tmp_path: Path) -> Iterator[PouchServer]:
-    """A PouchDB Server of this test's own, for tests that kill and restart it."""
-    server = PouchServer(tmp_path / "pouchdb")
+def own_couch(couch_engine: str, tmp_path: Path) -> Iterator[CouchProcess]:
+    """A server of this test's own (the engine under test), for tests that stop and restart
+    it."""
+    server: CouchProcess
+    if couch_engine == "pouchdb":
+        server = PouchServer(tmp_path / "pouchdb")
+    else:
+        script = couchdb_test_server()
+        if script is None:
+            pytest.skip(_no_couchdb() + "; a VIBE_TEST_COUCHDB URL cannot be restarted")
+        server = ApacheCouch(tmp_path / "couchdb", script)
     server.start()
     yield server
-    server.stop()
+    if isinstance(server, ApacheCouch):
+        server.discard()
+    else:
+        server.stop()
 
 
 class MotoS3:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import PouchServer, free_port
+from conftest import CouchProcess, free_port
 from harness import Person, Vibed, VibedSet, fetch, new_person, s3_options
 
 from vibed.blobs.service import CleanupService
@@ -188,7 +188,7 @@ async def test_s3_unreachable_is_503_and_the_rest_stays_up(vibeds: VibedSet) -> 
 
 
 @pytest_twisted.ensureDeferred
-async def test_couchdb_unreachable_is_503(vibeds: VibedSet, own_couch: PouchServer) -> None:
+async def test_couchdb_unreachable_is_503(vibeds: VibedSet, own_couch: CouchProcess) -> None:
     """With CouchDB gone, blob routes answer 503 problems instead of hanging or 500, and a
     cleanup round fails quietly without stopping its timer."""
     vibed = await vibeds.start(couch_url=own_couch.url, couch_timeout="3")

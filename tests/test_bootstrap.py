@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest_twisted
-from conftest import PouchServer
+from conftest import CouchProcess
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
@@ -13,7 +13,7 @@ from vibed.naming import IDENTITIES_DB, SYSTEM_DBS
 
 
 @pytest_twisted.ensureDeferred
-async def test_bootstrap_waits_for_couchdb_then_is_ready(own_couch: PouchServer) -> None:
+async def test_bootstrap_waits_for_couchdb_then_is_ready(own_couch: CouchProcess) -> None:
     """Started while CouchDB is down, bootstrap is not ready and says why; once CouchDB is
     up it creates every system database and the byEmail index, and running it again changes
     nothing."""

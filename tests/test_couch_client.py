@@ -1,4 +1,5 @@
-"""Integration tests of vibed.couch.client against a real PouchDB Server process."""
+"""Integration tests of vibed.couch.client against real servers: PouchDB Server and Apache
+CouchDB 3.5 (each test runs on both; see conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from uuid import uuid4
 
 import pytest
 import pytest_twisted
-from conftest import PouchServer, free_port
+from conftest import CouchProcess, free_port
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -261,6 +262,32 @@ async def test_changes_normal_feed_has_string_seqs(db: CouchDatabase) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_what_the_engines_do_differently_is_detected(
+    db: CouchDatabase, couch_engine: str
+) -> None:
+    """The differences the client detects rather than assumes, seen on the engine itself:
+    Apache CouchDB pages ``_find`` with its own bookmarks and has opaque ``N-...`` seqs;
+    PouchDB Server sends no bookmark (the client synthesises one) and integer seqs. Either
+    way the caller gets a bookmark that pages on and string seqs that resume."""
+    await db.bulk_docs([{"_id": f"k{i}", "n": i} for i in range(4)])
+    page = await db.find({"n": {"$gte": 0}}, limit=2)
+    assert page.bookmark is not None
+    synthesised = page.bookmark.startswith("vb1.")
+    rest = await db.find({"n": {"$gte": 0}}, limit=2, bookmark=page.bookmark)
+    assert sorted(d["n"] for d in page.docs + rest.docs) == [0, 1, 2, 3]
+    seq = (await db.info())["update_seq"]
+    assert isinstance(seq, str)
+    if couch_engine == "couchdb":
+        assert not synthesised, "CouchDB's own bookmark should be passed through"
+        assert not seq.isdigit() and seq.split("-", 1)[0].isdigit()
+    else:
+        assert synthesised, "PouchDB Server sends no bookmark: the client makes one"
+        assert seq.isdigit()
+    resumed = await db.changes(since=seq)
+    assert resumed["results"] == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_connection_refused_is_unavailable_quickly() -> None:
     """A port nothing listens on: CouchUnavailable with status 0 within a second."""
     couch = CouchServer.from_url(f"http://127.0.0.1:{free_port()}/", reactor=reactor)
@@ -320,7 +347,7 @@ async def test_continuous_feed_since_now_sees_only_new_writes(db: CouchDatabase)
 
 
 @pytest_twisted.ensureDeferred
-async def test_continuous_feed_survives_server_restart(own_couch: PouchServer) -> None:
+async def test_continuous_feed_survives_server_restart(own_couch: CouchProcess) -> None:
     """Server killed mid-stream during writes, then restarted: each change delivered once."""
     couch = CouchServer.from_url(own_couch.url, reactor=reactor, timeout=2.0)
     db = couch.database(unique())

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest_twisted
-from conftest import PouchServer
+from conftest import CouchProcess
 from harness import Vibed, make_config
 
 from vibed.bootstrap import bootstrap
@@ -15,7 +15,7 @@ from vibed.bootstrap import bootstrap
 
 @pytest_twisted.ensureDeferred
 async def test_couchdb_restart_gives_503_then_recovers(
-    tmp_path: Path, own_couch: PouchServer
+    tmp_path: Path, own_couch: CouchProcess
 ) -> None:
     """With CouchDB stopped, signup, login, /readyz and the data API answer 503 problem+json
     (never 500); once it is back, the same vibed serves them again, and what was committed

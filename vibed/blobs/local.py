@@ -60,6 +60,7 @@ _PREFIX = "/blob/local/"
 _LABEL = "vibed-local-blob-v1"
 _SIG_LEN = 43  # unpadded base64url of 32 bytes
 _MAX_DIGITS = 16
+
 _SPOOL_ATTR = "_vibe_blob_spool"
 _OTHER_BODY_LIMIT = 64 * 1024  # GET, OPTIONS... have no business sending a body
 
@@ -69,6 +70,11 @@ CORS_HEADERS = {
     b"Access-Control-Allow-Origin": b"*",
     b"Access-Control-Expose-Headers": b"Content-Length, Content-Range, Accept-Ranges, ETag",
 }
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes superscripts ("¹"), which int() refuses."""
+    return text.isascii() and text.isdigit()
 
 
 @frozen
@@ -248,11 +254,11 @@ class LocalStore:
         )
         if not KEY_RE.match(key) or exp is None or mime is None or sig is None:
             raise malformed
-        if not (exp.isdigit() and len(exp) <= _MAX_DIGITS) or not MIME_RE.match(mime):
+        if not (_digits(exp) and len(exp) <= _MAX_DIGITS) or not MIME_RE.match(mime):
             raise malformed
         size: int | None = None
         if method == "PUT":
-            if size_text is None or not size_text.isdigit() or len(size_text) > _MAX_DIGITS:
+            if size_text is None or not _digits(size_text) or len(size_text) > _MAX_DIGITS:
                 raise malformed
             size = int(size_text)
         elif size_text is not None:
@@ -324,7 +330,7 @@ class LocalStore:
             return _OTHER_BODY_LIMIT
         _, args = _split(uri)
         size = (args.get("size") or [""])[0]
-        if not size.isdigit() or len(size) > _MAX_DIGITS:
+        if not _digits(size) or len(size) > _MAX_DIGITS:
             # Not a signed PUT: the body is discarded as it arrives, then answered 403.
             return self.max_size
         return min(int(size), self.max_size)
