@@ -123,7 +123,9 @@ class ApacheCouch:
 
     def stop(self) -> None:
         """A clean stop (SIGTERM, as an operator's restart does)."""
-        subprocess.run(["bash", str(self.script), "stop", str(self.data_dir)], check=True, timeout=60)
+        subprocess.run(
+            ["bash", str(self.script), "stop", str(self.data_dir)], check=True, timeout=60
+        )
 
     def discard(self) -> None:
         """At the end of a test: SIGKILL, nothing to keep."""
