@@ -197,7 +197,11 @@ def own_couch(couch_engine: str, tmp_path: Path) -> Iterator[CouchProcess]:
     else:
         script = couchdb_test_server()
         if script is None:
-            pytest.skip(_no_couchdb() + "; a VIBE_TEST_COUCHDB URL cannot be restarted")
+            pytest.skip(
+                "this test stops and restarts an Apache CouchDB of its own, which needs "
+                "../shared/tools/couchdb/couchdb-test-server beside the checkout (CI has it; "
+                "a VIBE_TEST_COUCHDB URL cannot be restarted)"
+            )
         server = ApacheCouch(tmp_path / "couchdb", script)
     server.start()
     yield server
