@@ -3,6 +3,10 @@ the floor of the same machine (one bare Argon2id verify, one scrypt derivation),
 reactor's lag (p99 of GET /healthz while a login burst runs).
 
     .venv/bin/python bench/auth.py [--scale 1.0] [--crypto-threads 2]
+                                   [--couchdb pouchdb|shared|URL] [--cpus shared|pinned]
+
+The engine is chosen as in bench/data.py. Each row also shows the CPU vibed (all its
+processes) and CouchDB spent per request (process CPU seconds over the row / requests).
 
 Prints one table; the ratios (vibed latency / floor) are what survive a noisy machine.
 """
@@ -24,7 +28,16 @@ from twisted.web.client import HTTPConnectionPool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Daemon, fmt_ms, percentile, run_load  # noqa: E402
+from bench.common import (  # noqa: E402
+    Daemon,
+    Engine,
+    add_engine_arguments,
+    cpu_seconds,
+    fmt_ms,
+    percentile,
+    pin,
+    run_load,
+)
 from vibed.keys import derive_wrap_key, hash_password, verify_password  # noqa: E402
 
 PASSWORD = "bench password 123"
@@ -51,14 +64,20 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         f"one scrypt derivation {fmt_ms(scrypt_s).strip()} ms "
         f"(signup does one hash + one scrypt: ~{fmt_ms(verify_s + scrypt_s).strip()} ms)"
     )
-    daemon = Daemon("--crypto-threads", str(args.crypto_threads)).start()
+    engine = Engine(args.couchdb).start()
+    daemon = Daemon("--crypto-threads", str(args.crypto_threads), "--couchdb", engine.url).start()
+    if args.cpus == "pinned":
+        pin(daemon.pid, "0")
+        pin(engine.pid, "1")
+    print(f"{engine.name} behind vibed, cpus {args.cpus}")
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
     try:
-        await run(reactor, daemon.url, pool, args, verify_s, scrypt_s)
+        await run(reactor, daemon.url, pool, args, verify_s, scrypt_s, (daemon.pid, engine.pid))
     finally:
         await pool.closeCachedConnections()
         daemon.stop()
+        engine.stop()
 
 
 async def post(pool: HTTPConnectionPool, url: str, body: dict[str, str]) -> None:
@@ -76,14 +95,24 @@ async def run(
     args: argparse.Namespace,
     verify_s: float,
     scrypt_s: float,
+    pids: tuple[int | None, int | None],
 ) -> None:
     run_id = uuid.uuid4().hex[:8]
     emails: list[str] = []
     rows: list[tuple[str, int, int, float, list[float], int, float, float | None]] = []
+    cpu: list[tuple[float, float]] = []
     header = (
         f"{'operation':<8} {'conc':>4} {'n':>4} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'errors':>6} {'p50/floor':>9} {'healthz p99 ms':>15}"
+        f"{'errors':>6} {'p50/floor':>9} {'healthz p99 ms':>15} {'vibed CPU ms':>12} "
+        f"{'couch CPU ms':>12}"
     )
+
+    async def load(op: Any, n: int, concurrency: int) -> tuple[float, list[float], int]:
+        v0, c0 = cpu_seconds(pids[0]), cpu_seconds(pids[1])
+        result = await run_load(op, n, concurrency)
+        cpu.append(((cpu_seconds(pids[0]) - v0) / n, (cpu_seconds(pids[1]) - c0) / n))
+        return result
+
     for concurrency in (1, 8, 32):
         n = max(4, int(args.scale * {1: 8, 8: 32, 32: 64}[concurrency]))
         batch = [f"bench-{run_id}-{concurrency}-{i}@example.org" for i in range(n)]
@@ -92,7 +121,7 @@ async def run(
         async def signup(i: int, batch: list[str] = batch) -> None:
             await post(pool, base + "/auth/signup", {"email": batch[i], "password": PASSWORD})
 
-        elapsed, lat, errors = await run_load(signup, n, concurrency)
+        elapsed, lat, errors = await load(signup, n, concurrency)
         rows.append(
             (
                 "signup",
@@ -116,7 +145,7 @@ async def run(
 
         probe = HealthProbe(reactor, base)
         probe.start()
-        elapsed, lat, errors = await run_load(login, n, concurrency)
+        elapsed, lat, errors = await load(login, n, concurrency)
         health = await probe.stop()
         rows.append(
             (
@@ -132,11 +161,14 @@ async def run(
         )
 
     print(header)
-    for op, conc, n, rps, lat, errors, ratio, health_p99 in rows:
+    for (op, conc, n, rps, lat, errors, ratio, health_p99), (v_cpu, c_cpu) in zip(
+        rows, cpu, strict=True
+    ):
         hp = fmt_ms(health_p99) if health_p99 is not None else "       -"
         print(
             f"{op:<8} {conc:>4} {n:>4} {rps:8.1f} {fmt_ms(percentile(lat, 50))} "
-            f"{fmt_ms(percentile(lat, 99))} {errors:>6} {ratio:9.2f} {hp:>15}"
+            f"{fmt_ms(percentile(lat, 99))} {errors:>6} {ratio:9.2f} {hp:>15} "
+            f"{v_cpu * 1e3:12.2f} {c_cpu * 1e3:12.2f}"
         )
     print(
         f"crypto threads: {args.crypto_threads}; the floor is single-threaded, so at "
@@ -180,5 +212,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply request counts")
     parser.add_argument("--crypto-threads", type=int, default=2)
+    add_engine_arguments(parser)
     ns = parser.parse_args()
+    if ns.cpus == "both":
+        parser.error("--cpus both: run shared and pinned one after the other")
     task.react(lambda reactor: ensureDeferred(main(reactor, ns)))

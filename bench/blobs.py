@@ -3,6 +3,7 @@ a real `twistd vibed` (embedded CouchDB), next to a plain copy of the same bytes
 in the same run, and the daemon's resident memory while the big objects pass through it.
 
     .venv/bin/python bench/blobs.py [--big-mib 256] [--small-count 20]
+                                    [--couchdb pouchdb|shared|URL] [--cpus shared|pinned]
 
 The client is blocking ``http.client`` in this process for the small objects (1 MiB reads
 and writes) and ``curl`` for the big ones (when installed: an in-process Python client is
@@ -34,7 +35,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Daemon  # noqa: E402
+from bench.common import Daemon, Engine, add_engine_arguments, pin  # noqa: E402
 
 MIB = 1024 * 1024
 CHUNK = MIB
@@ -272,17 +273,26 @@ def main() -> None:
     parser.add_argument("--big-mib", type=int, default=256)
     parser.add_argument("--big-count", type=int, default=2)
     parser.add_argument("--small-count", type=int, default=20)
+    add_engine_arguments(parser)
     ns = parser.parse_args()
+    if ns.cpus == "both":
+        parser.error("--cpus both: run shared and pinned one after the other")
     big = ns.big_mib * MIB
-    daemon = Daemon("--blob-max-size", str(big), "--blob-quota", "0")
+    engine = Engine(ns.couchdb).start()
+    daemon = Daemon("--blob-max-size", str(big), "--blob-quota", "0", "--couchdb", engine.url)
     daemon.args += ["--public-url", daemon.url]
     daemon.start()
+    if ns.cpus == "pinned":
+        pin(daemon.pid, "0")
+        pin(engine.pid, "1")
+    print(f"{engine.name} behind vibed (blob metadata), cpus {ns.cpus}")
     try:
         work = Path(daemon.tmp.name) / "bench"
         work.mkdir()
         run(daemon, work, [(MIB, ns.small_count), (big, ns.big_count)])
     finally:
         daemon.stop()
+        engine.stop()
 
 
 if __name__ == "__main__":

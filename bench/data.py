@@ -1,20 +1,27 @@
 """Data API benchmark: create, get-by-id, list and query through a real `twistd vibed`, next to
 the same requests sent straight to the CouchDB-protocol server it uses, in the same run.
 
-    .venv/bin/python bench/data.py [--scale 1.0] [--seed-docs 1000]
+    .venv/bin/python bench/data.py [--couchdb pouchdb|shared|URL] [--cpus shared|pinned|both]
+                                   [--workers N] [--seconds 5] [--concurrency 32]
 
-A PouchDB Server (separate process, like the embedded one) and vibed (`twistd vibed --couchdb
-<that server>`) are started; one identity signs up; its collection ``bench`` is seeded
-straight in CouchDB. Each operation then runs at concurrency 1 and 32, through vibed and
-direct. "direct" sends exactly what vibed sends: the same stored ``_id`` (``bench:<id>``), the
-same ``_all_docs`` key range, the same ``$and`` selector. The ratios (vibed / direct) are the
-proxy's cost and what survives a noisy machine.
+The engine (``--couchdb``: a PouchDB Server of its own by default, ``shared`` for an Apache
+CouchDB 3.5 of its own from ``../shared/tools/couchdb``, or any CouchDB URL) and vibed
+(``twistd vibed --couchdb <that server>``) run as separate processes; one identity signs up;
+its collection ``bench`` is seeded straight in CouchDB and gets the indexes an app would
+declare (``group``, ``n``). wrk (``apt-get install wrk``) then drives each operation for
+``--seconds`` at ``--concurrency`` keep-alive connections, through vibed and direct. "direct"
+sends exactly what vibed sends: the same stored ``_id`` (``bench:<id>``), the same
+``_all_docs`` key range, the same ``_find`` body.
 
-Layout measured: a collection is the key range ``bench:`` .. ``bench:\\ufff0`` of the identity's
-``db_<idn>_data``. ``list`` is ``_all_docs`` over that range (25 docs, no Mango); ``query`` is
-``_find`` with ``{"group": k}`` ANDed with the range and the tag (25 of the seeded docs match,
-no index: the server scans the collection); ``sorted`` adds ``sort: n`` served by a declared
-index.
+Printed per operation: requests per second and latency (p50/p99) both ways, the ratio, and the
+CPU each process spent per request (its user+system CPU seconds over the run / requests):
+vibed's own, CouchDB's when reached through vibed, CouchDB's when reached directly. With
+``--cpus pinned`` vibed (and its workers) runs on CPU 0 and CouchDB on CPU 1 (taskset), so the
+proxy's own cost shows apart from the competition for cores; wrk is not pinned.
+
+Operations: ``get`` one document by id; ``create`` one document (POST; direct: PUT with a new
+id); ``list`` 25 documents (``_all_docs`` over the collection's key range); ``query`` 25 by a
+field with its index declared (``{"group": k}``); ``sorted`` the same sorted by ``n``.
 """
 
 from __future__ import annotations
@@ -22,112 +29,95 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 import urllib.request
 import uuid
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import treq
-from twisted.internet import task
-from twisted.internet.defer import ensureDeferred
-from twisted.web.client import HTTPConnectionPool
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import ROOT, Daemon, fmt_ms, free_port, percentile, run_load  # noqa: E402
+from bench.common import (  # noqa: E402
+    Daemon,
+    Engine,
+    Request,
+    WrkResult,
+    add_engine_arguments,
+    cpu_seconds,
+    pin,
+    wrk,
+)
 from vibed import layout  # noqa: E402
+from vibed.data import parse_selector, parse_sort, plan_find  # noqa: E402
 from vibed.naming import identity_db  # noqa: E402
 
 COLLECTION = "bench"
 GROUPS = 40  # {"group": k} matches seed_docs / GROUPS documents
 
 
-class Pouch:
-    """A PouchDB Server child process on a free port, in a temporary directory."""
-
-    def __init__(self) -> None:
-        self.tmp = tempfile.TemporaryDirectory(prefix="vibed-bench-pouch-")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Pouch:
-        exe = ROOT / "node_modules" / ".bin" / "pouchdb-server"
-        data = Path(self.tmp.name)
-        log = open(data / "server.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [str(exe), "--port", str(self.port), "--host", "127.0.0.1", "--dir", str(data),
-             "--config", str(data / "config.json"), "--no-stdout-logs"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=data, start_new_session=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.url, timeout=1) as r:
-                    if json.load(r).get("version"):
-                        return self
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("pouchdb-server did not answer")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.tmp.cleanup()
+def call(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    with urllib.request.urlopen(request, timeout=60) as r:
+        content = r.read()
+    return json.loads(content) if content else None
 
 
-class Client:
-    """JSON requests on one persistent pool; non-2xx answers raise."""
-
-    def __init__(self, pool: HTTPConnectionPool, token: str | None = None) -> None:
-        self.pool = pool
-        self.headers: dict[bytes | str, bytes | str] = {"Content-Type": "application/json"}
-        if token:
-            self.headers["Authorization"] = f"Bearer {token}"
-
-    async def __call__(self, method: str, url: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        resp = await treq.request(method, url, data=data, headers=self.headers, pool=self.pool)
-        content = await resp.content()
-        if not 200 <= resp.code < 300:
-            raise RuntimeError(f"{method} {url}: {resp.code} {content[:200]!r}")
-        return json.loads(content) if content else None
+def vibed_find_body(
+    selector: dict[str, Any], sort: list[str] | None, indexes: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The ``_find`` body vibed sends for ``q=selector`` (and ``sort``): its own planner's."""
+    checked = parse_selector(json.dumps(selector), COLLECTION)
+    order = parse_sort(json.dumps(sort)) if sort else None
+    index = None
+    if order is not None:
+        index = next(i for i in indexes if i["fields"][: len(order.fields)] == list(order.fields))
+    return plan_find(COLLECTION, checked, order, index).body(25)
 
 
-Op = Callable[[int], Awaitable[Any]]
+def measure(
+    base: str,
+    requests: list[Request],
+    args: argparse.Namespace,
+    daemon_pid: int | None,
+    engine_pid: int | None,
+) -> tuple[WrkResult, float, float]:
+    """One wrk run; (its result, vibed CPU s/request, CouchDB CPU s/request)."""
+    v0, c0 = cpu_seconds(daemon_pid), cpu_seconds(engine_pid)
+    result = wrk(base, requests, seconds=args.seconds, connections=args.concurrency)
+    v1, c1 = cpu_seconds(daemon_pid), cpu_seconds(engine_pid)
+    n = max(result.requests, 1)
+    return result, (v1 - v0) / n, (c1 - c0) / n
 
 
-async def main(reactor: Any, args: argparse.Namespace) -> None:
-    pouch = Pouch().start()
-    daemon = Daemon("--couchdb", pouch.url).start()
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 64
+def main(args: argparse.Namespace) -> None:
+    engine = Engine(args.couchdb).start()
+    extra = ["--couchdb", engine.url]
+    if args.workers:
+        extra += ["--workers", str(args.workers)]
+    daemon = Daemon(*extra).start()
     try:
-        await run(daemon.url, pouch.url, pool, args)
+        run(daemon, engine, args)
     finally:
-        await pool.closeCachedConnections()
         daemon.stop()
-        pouch.stop()
+        engine.stop()
 
 
-async def run(base: str, couch: str, pool: HTTPConnectionPool, args: argparse.Namespace) -> None:
-    anonymous = Client(pool)
+def run(daemon: Daemon, engine: Engine, args: argparse.Namespace) -> None:
+    base = daemon.url
     email = f"bench-{uuid.uuid4().hex[:8]}@example.org"
-    signup = await anonymous("POST", base + "/auth/signup", {"email": email, "password": "x" * 16})
+    signup = call("POST", base + "/auth/signup", {"email": email, "password": "x" * 16})
     idn, token = signup["identity"]["id"], signup["accessToken"]
-    api, direct = Client(pool, token), Client(pool)
-    db = couch + quote(identity_db(idn, "data"), safe="")
-    data = f"{base}/data/{COLLECTION}"
+    bearer = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    basic = {"Content-Type": "application/json"}
+    if engine.basic_auth():
+        basic["Authorization"] = str(engine.basic_auth())
+    couch = engine.bare_url()
+    db_path = "/" + quote(identity_db(idn, "data"), safe="")
+    data = f"/data/{COLLECTION}"
 
     seeded = [uuid.uuid4().hex for _ in range(args.seed_docs)]
     docs = [
@@ -135,106 +125,125 @@ async def run(base: str, couch: str, pool: HTTPConnectionPool, args: argparse.Na
         for i, doc_id in enumerate(seeded)
     ]
     for chunk in range(0, len(docs), 500):
-        await direct("POST", db + "/_bulk_docs", {"docs": docs[chunk : chunk + 500]})
-    await api("POST", data + "/_index", {"fields": ["n"]})
-    index = (await api("GET", data + "/_index"))["indexes"][0]["name"]
-
+        call(
+            "POST",
+            couch.rstrip("/") + db_path + "/_bulk_docs",
+            {"docs": docs[chunk : chunk + 500]},
+            basic,
+        )
+    for fields in (["group"], ["n"]):
+        call("POST", base + data + "/_index", {"fields": fields}, bearer)
     start, end = layout.collection_range(COLLECTION)
     range_params = {"startkey": json.dumps(start), "endkey": json.dumps(end)}
+    picks = [seeded[i * 7919 % len(seeded)] for i in range(min(1000, len(seeded)))]
 
-    def selector(k: int, *extra: dict[str, Any]) -> dict[str, Any]:
-        clauses = [{layout.TAG: {"$eq": COLLECTION}}, *extra, {"group": {"$eq": k}}]
-        return {"$and": [*clauses, {"_id": {"$gt": start, "$lt": end}}]}
+    indexes = call("GET", base + data + "/_index", headers=bearer)["indexes"]
 
-    async def direct_create(i: int) -> Any:
-        doc = layout.to_storage(COLLECTION, uuid.uuid4().hex, {"n": i, "group": i % GROUPS})
-        return await direct("PUT", f"{db}/{quote(doc['_id'], safe='')}", doc)
+    def find(selector: dict[str, Any], sort: list[str] | None = None) -> str:
+        return json.dumps(vibed_find_body(selector, sort, indexes))
 
-    def some_id(i: int) -> str:
-        return seeded[i * 7919 % len(seeded)]
-
-    ops: dict[str, tuple[Op, Op]] = {
+    body = json.dumps({"n": 1, "group": 1, "title": "new"})
+    ops: dict[str, tuple[list[Request], list[Request]]] = {
         "get": (
-            lambda i: api("GET", f"{data}/{some_id(i)}"),
-            lambda i: direct("GET", f"{db}/{quote(f'{COLLECTION}:{some_id(i)}', safe='')}"),
+            [("GET", f"{data}/{doc_id}", bearer, None) for doc_id in picks],
+            [
+                ("GET", f"{db_path}/{quote(f'{COLLECTION}:{doc_id}', safe='')}", basic, None)
+                for doc_id in picks
+            ],
         ),
         "list": (
-            lambda i: api("GET", data + "?limit=25"),
-            lambda i: direct(
-                "GET",
-                f"{db}/_all_docs?"
-                + urlencode({**range_params, "include_docs": "true", "limit": "26"}),
-            ),
+            [("GET", f"{data}?limit=25", bearer, None)],
+            [
+                (
+                    "GET",
+                    f"{db_path}/_all_docs?"
+                    + urlencode({**range_params, "include_docs": "true", "limit": "26"}),
+                    basic,
+                    None,
+                )
+            ],
         ),
         "query": (
-            lambda i: api("GET", data + "?" + urlencode({"q": json.dumps({"group": i % GROUPS})})),
-            lambda i: direct(
-                "POST", db + "/_find", {"selector": selector(i % GROUPS), "limit": 25}
-            ),
+            [
+                ("GET", f"{data}?" + urlencode({"q": json.dumps({"group": k})}), bearer, None)
+                for k in range(GROUPS)
+            ],
+            [("POST", f"{db_path}/_find", basic, find({"group": k})) for k in range(GROUPS)],
         ),
         "sorted": (
-            lambda i: api(
-                "GET",
-                data + "?" + urlencode({"q": json.dumps({"group": i % GROUPS}), "sort": '["n"]'}),
-            ),
-            lambda i: direct(
-                "POST",
-                db + "/_find",
-                {
-                    "selector": selector(i % GROUPS, {"n": {"$exists": True}}),
-                    "sort": [{layout.TAG: "asc"}, {"n": "asc"}],
-                    "use_index": [layout.index_ddoc(COLLECTION, index), index],
-                    "limit": 25,
-                },
-            ),
+            [
+                (
+                    "GET",
+                    f"{data}?" + urlencode({"q": json.dumps({"group": k}), "sort": '["n"]'}),
+                    bearer,
+                    None,
+                )
+                for k in range(GROUPS)
+            ],
+            [("POST", f"{db_path}/_find", basic, find({"group": k}, ["n"])) for k in range(GROUPS)],
         ),
         # Last, so the reads above see only the seeded documents.
         "create": (
-            lambda i: api("POST", data, {"n": i, "group": i % GROUPS, "title": "new"}),
-            direct_create,
+            [("POST", data, bearer, body)],
+            [("PUT", f"{db_path}/{COLLECTION}%3A{{n}}", basic, body)],
         ),
     }
+    wanted = [name for name in args.ops.split(",") if name]
 
+    modes = ["shared", "pinned"] if args.cpus == "both" else [args.cpus]
     print(
-        f"PouchDB Server 4.2.0 (LevelDB) behind vibed; collection '{COLLECTION}' = key range "
-        f"'{start}'..'{start}\\ufff0' of {identity_db(idn, 'data')}, "
-        f"{args.seed_docs} seeded docs"
+        f"{engine.name} behind vibed ({args.workers or 1} process"
+        f"{'es' if (args.workers or 1) > 1 else ''}); collection '{COLLECTION}' = key range "
+        f"'{start}'..'{start}\\ufff0' of {identity_db(idn, 'data')}, {args.seed_docs} seeded "
+        f"docs; wrk {args.concurrency} connections, {args.seconds:g} s per figure; "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
     header = (
-        f"{'op':<7} {'conc':>4} {'n':>5} | {'vibed/s':>8} {'p50 ms':>8} {'p99 ms':>8} | "
-        f"{'direct/s':>8} {'p50 ms':>8} {'p99 ms':>8} | "
-        f"{'thru v/d':>8} {'p50 v/d':>8} {'err v/d':>7}"
+        f"{'op':<7} {'cpus':<6} | {'vibed/s':>8} {'p50 ms':>7} {'p99 ms':>7} | "
+        f"{'direct/s':>8} {'p50 ms':>7} {'p99 ms':>7} | {'v/d':>5} | "
+        f"{'vibed CPU':>9} {'couch CPU':>9} {'direct CPU':>10} | {'err v/d':>7}"
     )
     print(header)
+    print(f"{'':<16}| {'':<24}| {'':<24}| {'':<6}| {'ms per request':^31} |")
     print("-" * len(header))
-    for name, (through, straight) in ops.items():
-        for concurrency in (1, 32):
-            base_n = {1: 150, 32: 600}[concurrency]
-            if name in ("query", "sorted"):
-                # Mango on the embedded server scans the collection: a few per second.
-                base_n //= 4 if name == "query" else 10
-            n = max(10, int(args.scale * base_n))
-            await run_load(through, min(n, 20), concurrency)  # warm up both paths
-            await run_load(straight, min(n, 20), concurrency)
-            v_elapsed, v_lat, v_err = await run_load(through, n, concurrency)
-            d_elapsed, d_lat, d_err = await run_load(straight, n, concurrency)
-            v_rps, d_rps = n / v_elapsed, n / d_elapsed
+    for mode in modes:
+        if mode == "pinned":
+            pin(daemon.pid, "0")
+            pin(engine.pid, "1")
+        else:
+            pin(daemon.pid, "0-1")
+            pin(engine.pid, "0-1")
+        for name in wanted:
+            through, straight = ops[name]
+            wrk(base, through, seconds=1, connections=args.concurrency)  # warm up both paths
+            wrk(couch, straight, seconds=1, connections=args.concurrency)
+            v, v_cpu, vc_cpu = measure(base, through, args, daemon.pid, engine.pid)
+            d, _, d_cpu = measure(couch, straight, args, None, engine.pid)
             print(
-                f"{name:<7} {concurrency:>4} {n:>5} | {v_rps:8.1f} {fmt_ms(percentile(v_lat, 50))} "
-                f"{fmt_ms(percentile(v_lat, 99))} | {d_rps:8.1f} "
-                f"{fmt_ms(percentile(d_lat, 50))} {fmt_ms(percentile(d_lat, 99))} | "
-                f"{v_rps / d_rps:8.2f} {percentile(v_lat, 50) / percentile(d_lat, 50):8.2f} "
-                f"{f'{v_err}/{d_err}':>7}"
+                f"{name:<7} {mode:<6} | {v.rate:8.0f} {v.p50 * 1e3:7.1f} {v.p99 * 1e3:7.1f} | "
+                f"{d.rate:8.0f} {d.p50 * 1e3:7.1f} {d.p99 * 1e3:7.1f} | "
+                f"{v.rate / d.rate:5.2f} | {v_cpu * 1e3:9.3f} {vc_cpu * 1e3:9.3f} "
+                f"{d_cpu * 1e3:10.3f} | {f'{v.errors}/{d.errors}':>7}",
+                flush=True,
             )
+    pin(daemon.pid, "0-1")
+    pin(engine.pid, "0-1")
     print(
-        "thru v/d: vibed throughput / direct; p50 v/d: vibed median latency / direct. "
-        "vibed keeps at most 32 idle connections to CouchDB (more are opened under load)."
+        "v/d: vibed requests per second / direct. CPU: process CPU seconds during the run / "
+        "requests (vibed: all its processes; couch: CouchDB while serving vibed; direct: "
+        f"CouchDB serving the same requests straight). Finished at load average "
+        f"{os.getloadavg()[0]:.2f}."
     )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply request counts")
+    add_engine_arguments(parser)
+    parser.add_argument("--seconds", type=float, default=5.0, help="wrk duration per figure")
+    parser.add_argument("--concurrency", type=int, default=32, help="wrk connections")
+    parser.add_argument("--workers", type=int, default=0, help="vibed --workers (0: not set)")
     parser.add_argument("--seed-docs", type=int, default=1000, help="docs in the collection")
-    ns = parser.parse_args()
-    task.react(lambda reactor: ensureDeferred(main(reactor, ns)))
+    parser.add_argument(
+        "--ops", default="get,create,list,query,sorted", help="comma-separated operations"
+    )
+    main(parser.parse_args())

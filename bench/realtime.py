@@ -1,18 +1,22 @@
 """Realtime benchmark: many WebSocket subscribers over many identities against a real
-`twistd vibed` (embedded CouchDB), while documents are written through the data API at a
-steady rate.
+`twistd vibed`, while documents are written through the data API at a steady rate.
 
-    .venv/bin/python bench/realtime.py [--sockets 1000,5000] [--identities 100]
-                                       [--rate 50] [--seconds 20] [--workers 2]
+    .venv/bin/python bench/realtime.py [--couchdb pouchdb|shared|URL] [--cpus shared|pinned]
+                                       [--sockets 1000,5000] [--identities 100]
+                                       [--rate 50] [--seconds 20] [--clients 2] [--workers N]
 
-For each socket count: a fresh daemon, ``--identities`` signups, the sockets spread evenly
-over the identities (each subscribed to ``notes``) by ``--workers`` client processes (so the
-clients do not starve the daemon of the reactor they would share), then ``--rate`` writes
-per second (``PUT /data/notes/<id>``, identities in turn) for ``--seconds``. Printed per
-case: latency from the write's acknowledgement (the 201) to the change's arrival on each
-subscribed socket (p50/p99/max), events lost and repeated (both must be 0), the daemon's RSS
-before and after the sockets connected (and per socket), its CPU during the writes, and the
-hub's counters (one feed per identity).
+The engine (``--couchdb``, as in bench/data.py: a PouchDB Server of its own by default,
+``shared`` for an Apache CouchDB 3.5 of its own, or a URL) runs for the whole run. For each
+socket count: a fresh daemon (``--workers`` processes), ``--identities`` signups, the sockets
+spread evenly over the identities (each subscribed to ``notes``) by ``--clients`` client
+processes (so the clients do not starve the daemon of the reactor they would share), then
+``--rate`` writes per second (``PUT /data/notes/<id>``, identities in turn) for ``--seconds``.
+Printed per case: write acknowledgement latency (p50/p99), latency from the write's
+acknowledgement (the 201) to the change's arrival on each subscribed socket (p50/p99/max),
+events lost and repeated (both must be 0), the daemon's RSS before and after the sockets
+connected (and per socket), and the CPU vibed and CouchDB spent per write.
+``--sockets 1000 --identities 1`` is the one-busy-identity case; ``--idle`` only connects
+and authenticates the sockets (no subscription, no writes) and reports memory.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Daemon, percentile  # noqa: E402
+from bench.common import Daemon, Engine, add_engine_arguments, cpu_seconds, percentile, pin  # noqa: E402
 
 PASSWORD = "bench password 123"
 COLLECTION = "notes"
@@ -41,11 +45,6 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- worker: a process holding a share of the sockets ------------------------------------
@@ -71,7 +70,9 @@ def worker_main() -> None:
 
         def onOpen(self) -> None:  # noqa: N802
             self.sendMessage(json.dumps({"type": "auth", "token": self.token}).encode())
-            self.sendMessage(json.dumps({"type": "subscribe", "collection": COLLECTION}).encode())
+            if subscribe:
+                message = {"type": "subscribe", "collection": COLLECTION}
+                self.sendMessage(json.dumps(message).encode())
 
         def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802, N803
             now = time.time()
@@ -79,7 +80,7 @@ def worker_main() -> None:
             kind = message.get("type")
             if kind == "change":
                 arrivals.setdefault(message["id"], []).append((self.number, now, message["seq"]))
-            elif kind == "subscribed":
+            elif kind == "subscribed" or (kind == "authenticated" and not subscribe):
                 if not self.ready.called:
                     self.ready.callback(None)
             elif kind == "error":
@@ -92,6 +93,7 @@ def worker_main() -> None:
                 self.ready.errback(ConnectionError(f"socket {self.number}: {code} {reason}"))
 
     stopping = False
+    subscribe = job.get("subscribe", True)
     clients: list[Client] = []
     host, port = job["host"], job["port"]
 
@@ -179,9 +181,14 @@ def signup_all(base: str, count: int) -> list[tuple[str, str]]:
         return list(pool.map(one, range(count)))
 
 
-def run_case(args: argparse.Namespace, sockets: int) -> dict[str, Any]:
-    daemon = Daemon("--signup-limit", "1000000").start()
+def run_case(args: argparse.Namespace, engine: Engine, sockets: int) -> dict[str, Any]:
+    extra = ["--couchdb", engine.url]
+    if args.workers:
+        extra += ["--workers", str(args.workers)]
+    daemon = Daemon(*extra).start()
     assert daemon.proc is not None
+    if args.cpus == "pinned":
+        pin(daemon.pid, "0")
     workers: list[subprocess.Popen[str]] = []
     try:
         t0 = time.monotonic()
@@ -194,9 +201,9 @@ def run_case(args: argparse.Namespace, sockets: int) -> dict[str, Any]:
         rss_before = daemon.rss_kib()
 
         assignments = [(n, n % len(identities)) for n in range(sockets)]
-        shares: list[list[list[Any]]] = [[] for _ in range(args.workers)]
+        shares: list[list[list[Any]]] = [[] for _ in range(args.clients)]
         for number, idx in assignments:
-            shares[number % args.workers].append([number, identities[idx][1]])
+            shares[number % args.clients].append([number, identities[idx][1]])
         t0 = time.monotonic()
         for share in shares:
             proc = subprocess.Popen(
@@ -207,7 +214,13 @@ def run_case(args: argparse.Namespace, sockets: int) -> dict[str, Any]:
             )
             assert proc.stdin is not None
             out = Path(daemon.tmp.name) / f"worker-{len(workers)}.json"
-            job = {"host": "127.0.0.1", "port": daemon.port, "sockets": share, "out": str(out)}
+            job = {
+                "host": "127.0.0.1",
+                "port": daemon.port,
+                "sockets": share,
+                "out": str(out),
+                "subscribe": not args.idle,
+            }
             proc.stdin.write(json.dumps(job) + "\n")
             proc.stdin.flush()
             workers.append(proc)
@@ -219,14 +232,22 @@ def run_case(args: argparse.Namespace, sockets: int) -> dict[str, Any]:
         connect_s = time.monotonic() - t0
         time.sleep(2.0)
         rss_after = daemon.rss_kib()
-        connections = couch_connections(daemon.proc.pid)
+        connections = couch_connections(daemon.proc.pid, engine)
+        if args.idle:
+            return {
+                "sockets": sockets,
+                "rss_before": rss_before,
+                "rss_after": rss_after,
+                "connect_s": connect_s,
+            }
 
         count = int(args.rate * args.seconds)
         doc_ids = [f"d{k:06d}" for k in range(count)]
-        cpu0, wall0 = cpu_seconds(daemon.proc.pid), time.monotonic()
+        cpu0, couch0, wall0 = cpu_seconds(daemon.pid), cpu_seconds(engine.pid), time.monotonic()
         writes = _writes(daemon.url, identities, doc_ids, rate=args.rate)
-        cpu_s, wall_s = cpu_seconds(daemon.proc.pid) - cpu0, time.monotonic() - wall0
         time.sleep(args.drain)
+        cpu_s, wall_s = cpu_seconds(daemon.pid) - cpu0, time.monotonic() - wall0
+        couch_s = cpu_seconds(engine.pid) - couch0
         arrivals: dict[str, list[list[Any]]] = {}
         problems: list[str] = []
         for proc in workers:
@@ -252,6 +273,7 @@ def run_case(args: argparse.Namespace, sockets: int) -> dict[str, Any]:
             rss_before=rss_before,
             rss_after=rss_after,
             cpu_s=cpu_s,
+            couch_s=couch_s,
             wall_s=wall_s,
             signup_s=signup_s,
             connect_s=connect_s,
@@ -265,24 +287,27 @@ def run_case(args: argparse.Namespace, sockets: int) -> dict[str, Any]:
         daemon.stop()
 
 
-def couch_connections(pid: int) -> int:
-    """Established TCP connections from the daemon to its embedded CouchDB server (the shared
-    feeds plus the request pool's connections)."""
-    port = None
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-        if b"--port" in argv:
-            port = int(argv[argv.index(b"--port") + 1])
-    if port is None:
-        return -1
+def couch_connections(pid: int, engine: Engine) -> int:
+    """Established TCP connections from the daemon (and its workers) to CouchDB (the shared
+    feeds plus the request pools' connections)."""
+    from urllib.parse import urlsplit
+
+    from bench.common import descendants
+
+    port = urlsplit(engine.url).port or 5984
     inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
+    for p in descendants(pid):
         try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            fds = os.listdir(f"/proc/{p}/fd")
         except OSError:
             continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{p}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
     count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
@@ -414,6 +439,7 @@ def _figures(
         "writes": len(writes["acks"]),
         "write_errors": len(writes["errors"]),
         "write_p50_ms": percentile(writes["latencies"], 50) * 1000,
+        "write_p99_ms": percentile(writes["latencies"], 99) * 1000,
         "expected": expected,
         "delivered": len(latencies),
         "lost": lost,
@@ -433,32 +459,62 @@ def main() -> None:
     parser.add_argument("--identities", type=int, default=100)
     parser.add_argument("--rate", type=float, default=50.0, help="writes per second")
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--workers", type=int, default=0, help="vibed --workers (0: not set)")
     parser.add_argument("--drain", type=float, default=3.0, help="seconds after the writes")
+    parser.add_argument("--idle", action="store_true", help="connect and authenticate only")
+    add_engine_arguments(parser)
     args = parser.parse_args()
+    if args.cpus == "both":
+        parser.error("--cpus both: run shared and pinned one after the other")
     limit = raise_fd_limit()
     cases = [int(s) for s in args.sockets.split(",") if s]
     if max(cases) + 1000 > limit:
         print(f"warning: RLIMIT_NOFILE is {limit}; {max(cases)} sockets may not fit")
-    rows = [run_case(args, n) for n in cases]
+    engine = Engine(args.couchdb).start()
+    if args.cpus == "pinned":
+        pin(engine.pid, "1")
+    load = os.getloadavg()[0]
+    try:
+        rows = [run_case(args, engine, n) for n in cases]
+    finally:
+        engine.stop()
     print()
+    if args.idle:
+        print(f"realtime, idle: {engine.name}; sockets authenticated, not subscribed")
+        print(
+            f"{'sockets':>8} {'RSS before':>11} {'RSS after':>10} {'KiB/socket':>10} "
+            f"{'connect s':>9}"
+        )
+        for r in rows:
+            per_socket = (r["rss_after"] - r["rss_before"]) / r["sockets"]
+            print(
+                f"{r['sockets']:>8} {r['rss_before'] / 1024:>7.1f} MiB "
+                f"{r['rss_after'] / 1024:>6.1f} MiB "
+                f"{per_socket:>10.1f} {r['connect_s']:>9.1f}"
+            )
+        return
     print(
-        f"realtime: {args.identities} identities, {args.rate:g} writes/s for {args.seconds:g} s "
-        f"through PUT /data/{COLLECTION}/<id>, {args.workers} client processes"
+        f"realtime on {engine.name}, cpus {args.cpus}: {args.identities} identities, "
+        f"{args.rate:g} writes/s for {args.seconds:g} s through PUT /data/{COLLECTION}/<id>, "
+        f"{args.clients} client processes, vibed --workers {args.workers or 1}; load average "
+        f"{load:.2f} at the start"
     )
     header = (
-        f"{'sockets':>8} {'writes':>7} {'events':>8} {'lost':>5} {'dup':>4} "
+        f"{'sockets':>8} {'writes':>7} {'ack p99':>8} {'events':>8} {'lost':>5} {'dup':>4} "
         f"{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'RSS before':>11} {'RSS after':>10} "
-        f"{'KiB/socket':>10} {'CPU %':>6} {'connect s':>9}"
+        f"{'KiB/socket':>10} {'vibed ms/w':>10} {'couch ms/w':>10}"
     )
     print(header)
     for r in rows:
         per_socket = (r["rss_after"] - r["rss_before"]) / r["sockets"]
         print(
-            f"{r['sockets']:>8} {r['writes']:>7} {r['delivered']:>8} {r['lost']:>5} "
+            f"{r['sockets']:>8} {r['writes']:>7} {r['write_p99_ms']:>8.1f} {r['delivered']:>8} "
+            f"{r['lost']:>5} "
             f"{r['repeated']:>4} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f} "
             f"{r['rss_before'] / 1024:>8.1f} MiB {r['rss_after'] / 1024:>6.1f} MiB "
-            f"{per_socket:>10.1f} {100 * r['cpu_s'] / r['wall_s']:>6.0f} {r['connect_s']:>9.1f}"
+            f"{per_socket:>10.1f} {1000 * r['cpu_s'] / max(r['writes'], 1):>10.2f} "
+            f"{1000 * r['couch_s'] / max(r['writes'], 1):>10.2f}"
         )
     for r in rows:
         extra = []

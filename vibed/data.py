@@ -850,6 +850,53 @@ def index_name(fields: list[str]) -> str:
     return f"f{digest}"
 
 
+# -- what a query sends -------------------------------------------------------------------
+
+
+@frozen
+class FindPlan:
+    """The ``_find`` a query of a collection sends (besides ``limit`` and ``bookmark``)."""
+
+    selector: dict[str, Any]
+    sort: list[Any] | None
+    use_index: list[str] | None
+
+    def body(self, limit: int) -> dict[str, Any]:
+        """The request body, as :meth:`CouchDatabase.find` sends it (benchmarks replay it)."""
+        body: dict[str, Any] = {"selector": self.selector, "limit": limit}
+        if self.sort is not None:
+            body["sort"] = self.sort
+        if self.use_index is not None:
+            body["use_index"] = self.use_index
+        return body
+
+
+def plan_find(
+    collection: str,
+    selector: dict[str, Any] | None,
+    sort: Sort | None,
+    index: dict[str, Any] | None,
+) -> FindPlan:
+    """The ``_find`` for an already checked ``selector`` and ``sort`` of ``collection``;
+    ``index`` is the declared index that serves ``sort`` (None for no sort or ``_id``)."""
+    start, end = layout.collection_range(collection)
+    clauses: list[dict[str, Any]] = [{layout.TAG: {"$eq": collection}}]
+    if index is not None:
+        # A JSON index holds only the docs that have every indexed field, so a sorted
+        # query never returns the others; saying so in the selector makes that true
+        # whichever index a server picks, and lets servers that match an index against
+        # the selector's fields in order (PouchDB Server) pick this one.
+        clauses += [{name: {"$exists": True}} for name in index["fields"]]
+    if selector:
+        clauses.append(selector)
+    # Last, so the selector's own fields line up with the index's columns.
+    clauses.append({"_id": {"$gt": start, "$lt": end}})
+    use_index = None
+    if index is not None:
+        use_index = [layout.index_ddoc(collection, index["name"]), index["name"]]
+    return FindPlan({"$and": clauses}, sort.mango(index is not None) if sort else None, use_index)
+
+
 # -- the service -------------------------------------------------------------------------
 
 
@@ -1022,30 +1069,17 @@ class DataService:
             couch_bookmark = state.get("b")
             if not isinstance(couch_bookmark, str):
                 raise BadRequest("'bookmark' is not valid.", slug="bad-bookmark")
-        start, end = layout.collection_range(collection)
-        clauses: list[dict[str, Any]] = [{layout.TAG: {"$eq": collection}}]
         index: dict[str, Any] | None = None
         if sort is not None and not sort.by_id:
             index = await self._index_for(idn, collection, sort)
-            # A JSON index holds only the docs that have every indexed field, so a sorted
-            # query never returns the others; saying so in the selector makes that true
-            # whichever index a server picks, and lets servers that match an index against
-            # the selector's fields in order (PouchDB Server) pick this one.
-            clauses += [{name: {"$exists": True}} for name in index["fields"]]
-        if selector:
-            clauses.append(selector)
-        # Last, so the selector's own fields line up with the index's columns.
-        clauses.append({"_id": {"$gt": start, "$lt": end}})
-        use_index = None
-        if index is not None:
-            use_index = [layout.index_ddoc(collection, index["name"]), index["name"]]
+        plan = plan_find(collection, selector, sort, index)
         try:
             result = await self.db(idn).find(
-                {"$and": clauses},
-                sort=sort.mango(index is not None) if sort else None,
+                plan.selector,
+                sort=plan.sort,
                 limit=limit,
                 bookmark=couch_bookmark,
-                use_index=use_index,
+                use_index=plan.use_index,
             )
         except CouchNotFound:
             return Page([], None)
