@@ -57,6 +57,7 @@ from vibed.couch.errors import (
     CouchUnauthorized,
     CouchUnavailable,
 )
+from vibed.couch.wire import WirePool
 
 __all__ = ["ChangesFeed", "CouchDatabase", "CouchServer", "FindResult"]
 
@@ -232,6 +233,11 @@ class CouchServer:
     #: The bare Agent under ``http``, for streamed responses (see ``_open_stream``);
     #: without it they go through ``http`` too.
     agent: IAgent | None = field(default=None, repr=False)
+    #: The lean request path (:mod:`vibed.couch.wire`) every JSON request takes when set;
+    #: ``http`` (treq) otherwise, as tests that script answers with StubTreq do.
+    wire: WirePool | None = field(default=None, repr=False)
+    _wire_prefix: bytes = field(default=b"", init=False, repr=False)
+    _wire_headers: bytes = field(default=b"", init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if "@" in urlsplit(self.url).netloc:
@@ -239,6 +245,13 @@ class CouchServer:
             raise ValueError("CouchServer.url must not hold credentials: use from_url()")
         if not self.url.endswith("/"):
             self.url += "/"
+        if self.wire is not None:
+            self._wire_prefix = quote(urlsplit(self.url).path, safe="/%").encode("ascii")
+            headers = [f"Host: {self.wire.host_header}", "Accept: application/json"]
+            if self.auth is not None:
+                token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
+                headers.append(f"Authorization: Basic {token}")
+            self._wire_headers = ("\r\n".join(headers) + "\r\n").encode("latin-1")
 
     @classmethod
     def from_url(
@@ -270,6 +283,15 @@ class CouchServer:
             pool = quiet_pool(reactor)
             pool.maxPersistentPerHost = 32  # concurrent requests to one host are the norm
         agent = Agent(reactor, pool=pool)
+        hostname = parts.hostname
+        wire = WirePool(
+            reactor,
+            parts.scheme,
+            hostname,
+            parts.port or (443 if parts.scheme == "https" else 80),
+            max_idle=pool.maxPersistentPerHost,
+            connect_timeout=timeout,
+        )
         return cls(
             url=urlunsplit((parts.scheme, host, path, "", "")),
             http=HTTPClient(agent),
@@ -278,6 +300,7 @@ class CouchServer:
             clock=reactor,
             pool=pool,
             agent=agent,
+            wire=wire,
         )
 
     def _clock(self) -> IReactorTime:
@@ -291,6 +314,30 @@ class CouchServer:
             token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode())
             headers.setRawHeaders(b"Authorization", [b"Basic " + token])
         return headers
+
+    def _send(
+        self, wire: WirePool, method: str, path: str, params: Mapping[str, str], body: Any
+    ) -> Deferred[Any]:
+        """Start a request on the lean path; the Deferred fires with the whole Answer."""
+        target = path + _query(params)
+        try:
+            raw_target = target.encode("ascii")
+        except UnicodeEncodeError:
+            raw_target = quote(target, safe="/?&=%:@!$'()*+,;-._~").encode("ascii")
+        head = method.encode("ascii") + b" " + self._wire_prefix + raw_target + b" HTTP/1.1\r\n"
+        if body is _NOTHING:
+            data = head + self._wire_headers + b"\r\n"
+        else:
+            payload = json.dumps(body).encode("utf-8")
+            data = (
+                head
+                + self._wire_headers
+                + b"Content-Type: application/json\r\nContent-Length: "
+                + str(len(payload)).encode("ascii")
+                + b"\r\n\r\n"
+                + payload
+            )
+        return wire.request(data, head_only=method == "HEAD", retry=method in ("GET", "HEAD"))
 
     def _open(self, method: str, path: str, params: Mapping[str, str], body: Any) -> Deferred[Any]:
         """Start a request; the Deferred fires with the (unbuffered) response."""
@@ -335,6 +382,8 @@ class CouchServer:
         The whole exchange, body included, must end within ``timeout``
         seconds, or it is aborted with :class:`CouchUnavailable`.
         """
+        if self.wire is not None:
+            return await self._request_wire(self.wire, method, path, params or {}, body)
         timed_out = False
         reader: _BodyReader | None = None
         opening = self._open(method, path, params or {}, body)
@@ -373,6 +422,42 @@ class CouchServer:
                 timer.cancel()
         status: int = response.code
         raw = b"".join(chunks)
+        if not 200 <= status < 300:
+            raise _error_for(status, raw)
+        if method == "HEAD" or not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise CouchUnavailable(status, "bad_response", "answer is not JSON") from None
+
+    async def _request_wire(
+        self, wire: WirePool, method: str, path: str, params: Mapping[str, str], body: Any
+    ) -> Any:
+        timed_out = False
+        sending = self._send(wire, method, path, params, body)
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            sending.cancel()
+
+        timer: IDelayedCall = self._clock().callLater(self.timeout, expire)
+        try:
+            answer = await sending
+        except CancelledError:
+            if timed_out:
+                raise CouchUnavailable(
+                    0, "timeout", f"no answer within {self.timeout:g} s"
+                ) from None
+            raise
+        except _TRANSPORT_ERRORS as exc:
+            raise _transport_error(exc) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        status = answer.code
+        raw = answer.body
         if not 200 <= status < 300:
             raise _error_for(status, raw)
         if method == "HEAD" or not raw:
@@ -425,9 +510,11 @@ class CouchServer:
         return CouchDatabase(self, name)
 
     async def close(self) -> None:
-        """Close the idle connections of this server's pool."""
+        """Close the idle connections of this server's pools."""
         if self.pool is not None:
             await self.pool.closeCachedConnections()
+        if self.wire is not None:
+            await self.wire.close()
 
 
 @define(frozen=True)

@@ -1,0 +1,380 @@
+"""The request path to CouchDB: HTTP/1.1 over a pool of persistent connections, nothing more.
+
+Every proxied request pays for this path twice (the request out, the answer in), so it is
+kept to what a JSON exchange with CouchDB needs: one request line and four headers written in
+one ``write``; the answer's status line, ``Content-Length`` or ``chunked`` body read by slicing
+bytes. treq and ``twisted.web.client.Agent`` cost about as much CPU per request as the whole
+rest of a proxied ``GET`` (URL objects, header objects, a producer per body, a parser state
+machine); they remain for the long-lived ``_changes`` streams, which are few.
+
+One request at a time per connection (no pipelining). A connection goes back to the pool
+when its answer is complete and the server did not ask to close; idle connections older than
+``idle_timeout`` are dropped rather than reused, since servers close idle keep-alive
+connections on their own timers (Node's default, PouchDB Server's, is 5 s) and a request sent
+into a connection the server is closing is lost. A ``GET``/``HEAD`` that fails on a reused
+connection before any byte of the answer arrived is sent once more on a new connection, as
+``Agent`` does; other methods are not repeated (the first may have been applied).
+
+Cancelling the Deferred of a request aborts its connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import error as ierror
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+
+__all__ = ["Answer", "WirePool"]
+
+_MAX_HEAD = 64 * 1024  # status line and headers
+_MAX_BODY = 256 * 1024 * 1024
+# chunked-body states (``_chunk_left`` when not a count of bytes left in a chunk)
+_CHUNK_SIZE, _CHUNK_END, _TRAILERS = -1, -2, -3
+
+
+class Answer:
+    """A complete answer: ``code`` and the ``body`` bytes."""
+
+    __slots__ = ("body", "code")
+
+    def __init__(self, code: int, body: bytes) -> None:
+        self.code = code
+        self.body = body
+
+
+class BadAnswer(ierror.ConnectionLost):
+    """The server's bytes are not an HTTP/1.1 answer this client understands."""
+
+
+class _Connection(Protocol):
+    """One persistent connection; ``send`` one request, then the next after its answer."""
+
+    def __init__(self, pool: WirePool) -> None:
+        self.pool = pool
+        self.waiting: Deferred[Answer] | None = None
+        self.head_only = False
+        self.received_any = False
+        self.idle_since = 0.0
+        self.closed = False
+        self.lost: Deferred[None] = Deferred()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._buffer = b""
+        self._code = 0
+        self._length: int | None = None  # Content-Length; None: chunked or until close
+        self._chunked = False
+        self._keep = True
+        self._in_body = False
+        self._chunks: list[bytes] = []
+        self._got = 0
+        self._chunk_left = _CHUNK_SIZE  # chunked: bytes left in the chunk, or a state
+
+    def send(self, data: bytes, head_only: bool) -> Deferred[Answer]:
+        self._reset()
+        self.head_only = head_only
+        self.received_any = False
+        self.waiting = Deferred(self._cancel)
+        assert self.transport is not None
+        self.transport.write(data)
+        return self.waiting
+
+    def _cancel(self, _: Deferred[Answer]) -> None:
+        self.waiting = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- reading --------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
+        if self.waiting is None:
+            # Bytes nobody asked for: the connection is out of step; never reuse it.
+            self._drop()
+            return
+        self.received_any = True
+        try:
+            if not self._in_body:
+                self._buffer += data
+                end = self._buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._buffer) > _MAX_HEAD:
+                        raise BadAnswer("answer headers too long")
+                    return
+                head, data = self._buffer[:end], self._buffer[end + 4 :]
+                self._buffer = b""
+                self._head(head)
+                if self._code == 100:  # Continue: the real answer follows
+                    self._reset()
+                    if data:
+                        self.dataReceived(data)
+                    return
+                self._in_body = True
+                if self.head_only or self._code in (204, 304) or self._length == 0:
+                    self._finish()
+                    return
+            if self._chunked:
+                self._read_chunked(data)
+            else:
+                self._read_plain(data)
+        except BadAnswer as exc:
+            self._fail(Failure(exc))
+            self._drop()
+
+    def _head(self, head: bytes) -> None:
+        lines = head.split(b"\r\n")
+        status = lines[0].split(b" ", 2)
+        if len(status) < 2 or not status[0].startswith(b"HTTP/1."):
+            raise BadAnswer("not an HTTP/1.x answer")
+        try:
+            self._code = int(status[1])
+        except ValueError:
+            raise BadAnswer("bad status code") from None
+        if status[0] == b"HTTP/1.0":
+            self._keep = False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                try:
+                    self._length = int(value.strip())
+                except ValueError:
+                    raise BadAnswer("bad Content-Length") from None
+                if not 0 <= self._length <= _MAX_BODY:
+                    raise BadAnswer("Content-Length out of range")
+            elif name == b"transfer-encoding":
+                self._chunked = value.strip().lower() == b"chunked"
+            elif name == b"connection":
+                token = value.strip().lower()
+                if token == b"close":
+                    self._keep = False
+                elif token == b"keep-alive":
+                    self._keep = True
+        if self._chunked:
+            self._length = None
+        elif self._length is None:
+            self._keep = False  # the body ends when the connection does
+
+    def _read_plain(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(data)
+            self._got += len(data)
+        if self._length is None:
+            if self._got > _MAX_BODY:
+                raise BadAnswer("answer too large")
+            return
+        if self._got >= self._length:
+            if self._got > self._length:
+                raise BadAnswer("more bytes than Content-Length")
+            self._finish()
+
+    def _read_chunked(self, data: bytes) -> None:
+        buffer = self._buffer + data if self._buffer else data
+        pos, n = 0, len(buffer)
+        while True:
+            left = self._chunk_left
+            if left > 0:  # inside a chunk's data
+                take = min(left, n - pos)
+                if take == 0:
+                    break
+                self._chunks.append(buffer[pos : pos + take])
+                pos += take
+                self._chunk_left = left - take or _CHUNK_END
+            elif left == _CHUNK_SIZE:
+                eol = buffer.find(b"\r\n", pos)
+                if eol < 0:
+                    if n - pos > 1024:
+                        raise BadAnswer("chunk size line too long")
+                    break
+                try:
+                    size = int(buffer[pos:eol].split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise BadAnswer("bad chunk size") from None
+                pos = eol + 2
+                if size < 0:
+                    raise BadAnswer("bad chunk size")
+                self._got += size
+                if self._got > _MAX_BODY:
+                    raise BadAnswer("answer too large")
+                self._chunk_left = size if size else _TRAILERS
+            elif left == _CHUNK_END:  # the CRLF after a chunk's data
+                if n - pos < 2:
+                    break
+                if buffer[pos : pos + 2] != b"\r\n":
+                    raise BadAnswer("chunk not followed by CRLF")
+                pos += 2
+                self._chunk_left = _CHUNK_SIZE
+            else:  # after the last chunk: trailer lines until an empty one
+                eol = buffer.find(b"\r\n", pos)
+                if eol < 0:
+                    if n - pos > _MAX_HEAD:
+                        raise BadAnswer("trailers too long")
+                    break
+                empty = eol == pos
+                pos = eol + 2
+                if empty:
+                    if pos != n:
+                        raise BadAnswer("bytes after the answer")
+                    self._buffer = b""
+                    self._finish()
+                    return
+        self._buffer = buffer[pos:]
+
+    def _finish(self) -> None:
+        waiting, self.waiting = self.waiting, None
+        answer = Answer(self._code, b"".join(self._chunks))
+        keep = self._keep and not self.closed
+        self._reset()
+        if keep:
+            self.pool._release(self)
+        else:
+            self._drop()
+        if waiting is not None:
+            waiting.callback(answer)
+
+    def _fail(self, failure: Failure) -> None:
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            waiting.errback(failure)
+
+    def _drop(self) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self.closed = True
+        self.pool._forget(self)
+        if not self.lost.called:
+            self.lost.callback(None)
+        if self.waiting is None:
+            return
+        if self._in_body and not self._chunked and self._length is None:
+            self._finish()  # a body delimited by the end of the connection
+            return
+        if not reason.check(ierror.ConnectionClosed):
+            reason = Failure(ierror.ConnectionLost(reason.getErrorMessage()))
+        self._fail(reason)
+
+
+class _ConnectionFactory(Factory):
+    noisy = False
+
+    def __init__(self, pool: WirePool) -> None:
+        self.pool = pool
+
+    def buildProtocol(self, addr: Any) -> _Connection:  # noqa: N802 (Twisted API)
+        return _Connection(self.pool)
+
+
+class WirePool:
+    """Persistent connections to one CouchDB (``scheme://host:port``); ``request`` sends."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        scheme: str,
+        host: str,
+        port: int,
+        *,
+        max_idle: int = 32,
+        idle_timeout: float = 4.0,
+        connect_timeout: float = 10.0,
+        tls_options: Callable[[], Any] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._idle: list[_Connection] = []
+        self._all: set[_Connection] = set()
+        endpoint: Any
+        try:
+            literal = ipaddress.ip_address(host)
+        except ValueError:
+            endpoint = HostnameEndpoint(reactor, host.encode("idna"), port, connect_timeout)
+        else:
+            kind = TCP6ClientEndpoint if literal.version == 6 else TCP4ClientEndpoint
+            endpoint = kind(reactor, host, port, connect_timeout)
+        if scheme == "https":
+            from twisted.internet.ssl import optionsForClientTLS
+
+            options = tls_options() if tls_options else optionsForClientTLS(host)
+            endpoint = wrapClientTLS(options, endpoint)
+        self._endpoint = endpoint
+        self._factory = _ConnectionFactory(self)
+        bracketed = f"[{host}]" if ":" in host else host
+        self.host_header = bracketed if port in (80, 443) else f"{bracketed}:{port}"
+
+    def request(self, data: bytes, *, head_only: bool, retry: bool) -> Deferred[Answer]:
+        """Send the bytes of one whole request; the Deferred fires with the Answer.
+
+        ``retry``: the request may be sent again on a new connection if a reused one fails
+        before any byte of the answer arrived (safe methods only)."""
+        connection = self._take()
+        if connection is None:
+            return Deferred.fromCoroutine(self._fresh(data, head_only))
+        d = connection.send(data, head_only)
+        if retry:
+
+            def again(failure: Failure) -> Any:
+                if failure.check(CancelledError) or connection.received_any:
+                    return failure
+                return Deferred.fromCoroutine(self._fresh(data, head_only))
+
+            d.addErrback(again)
+        return d
+
+    async def _fresh(self, data: bytes, head_only: bool) -> Answer:
+        connection = await self._connect()
+        return await connection.send(data, head_only)
+
+    def _take(self) -> _Connection | None:
+        now = self.reactor.seconds()
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.closed or now - connection.idle_since > self.idle_timeout:
+                connection._drop()
+                continue
+            return connection
+        return None
+
+    async def _connect(self) -> _Connection:
+        connection: _Connection = await self._endpoint.connect(self._factory)
+        self._all.add(connection)
+        return connection
+
+    def _release(self, connection: _Connection) -> None:
+        if connection.closed:
+            return
+        if len(self._idle) >= self.max_idle:
+            connection._drop()
+            return
+        connection.idle_since = self.reactor.seconds()
+        self._idle.append(connection)
+
+    def _forget(self, connection: _Connection) -> None:
+        self._all.discard(connection)
+        try:
+            self._idle.remove(connection)
+        except ValueError:
+            pass
+
+    async def close(self) -> None:
+        """Close every idle connection; wait until they are gone."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection._drop()
+        for connection in idle:
+            await connection.lost
