@@ -489,3 +489,64 @@ def test_derived_secret(issuer: TokenIssuer) -> None:
     other = TokenIssuer(key=Ed25519PrivateKey.generate(), issuer=ISSUER, audience=AUDIENCE)
     assert other.derived_secret(b"refresh-successor") != a
     assert a != issuer.key.private_bytes_raw()
+
+
+# -- the cache of verified tokens ----------------------------------------------------------
+
+
+class Revoked:
+    """A revocation list that revokes whatever session it is told to."""
+
+    def __init__(self) -> None:
+        self.sids: set[str] = set()
+
+    def is_revoked(self, sub: str, iat: int, sid: str | None, gid: str | None) -> bool:
+        return sid in self.sids
+
+
+def test_a_cached_token_is_still_refused_once_expired(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    """A token verified (and so remembered) a moment ago is refused once past its expiry
+    plus leeway: the cache spares the signature check, never the time check."""
+    token, exp = issuer.issue_access("idn:x", ["data:*"])
+    assert issuer.verify_access(token).sub == "idn:x"
+    assert token in issuer._verified
+    clock.now = exp + 31
+    with pytest.raises(InvalidToken, match="expired"):
+        issuer.verify_access(token)
+
+
+def test_a_cached_token_is_still_refused_once_revoked(issuer: TokenIssuer) -> None:
+    """Revoking the token's session refuses it on its next use, though it was verified (and
+    remembered) just before: revocation is checked on every request."""
+    revoked = Revoked()
+    issuer.revocations = revoked
+    token, _ = issuer.issue_access("idn:x", ["data:*"], sid="s1")
+    assert issuer.verify_access(token).sid == "s1"
+    revoked.sids.add("s1")
+    with pytest.raises(InvalidToken, match="revoked"):
+        issuer.verify_access(token)
+
+
+def test_the_cache_holds_only_verified_tokens_and_stays_bounded(issuer: TokenIssuer) -> None:
+    """A forged token (signature changed) is refused, every time, and never remembered; a
+    token for another audience likewise; the cache never grows past its bound."""
+    from vibed import tokens
+
+    token, _ = issuer.issue_access("idn:x", ["data:*"])
+    issuer.verify_access(token)
+    head, payload, sig = token.split(".")
+    forged = f"{head}.{payload}.{sig[:-2]}{'AA' if sig[-2:] != 'AA' else 'BB'}"
+    for _ in range(2):
+        with pytest.raises(InvalidToken):
+            issuer.verify_access(forged)
+    assert forged not in issuer._verified
+    other = TokenIssuer(key=issuer.key, issuer=ISSUER, audience="https://other.example")
+    foreign, _ = other.issue_access("idn:x", ["data:*"])
+    with pytest.raises(InvalidToken, match="audience"):
+        issuer.verify_access(foreign)
+    assert foreign not in issuer._verified
+    for i in range(tokens.VERIFIED_CACHE_SIZE + 10):
+        issuer.verify_access(issuer.issue_access(f"idn:{i}", ["data:*"])[0])
+    assert len(issuer._verified) == tokens.VERIFIED_CACHE_SIZE

@@ -51,6 +51,8 @@ LEEWAY = 30  # seconds of clock skew tolerated between replicas on exp and iat
 # An access token is a few hundred bytes; refusing large ones bounds the work an
 # unauthenticated request can cause.
 MAX_TOKEN_LEN = 4096
+#: Verified tokens remembered per process (a token is a few hundred bytes).
+VERIFIED_CACHE_SIZE = 4096
 
 
 class InvalidToken(Exception):
@@ -157,6 +159,10 @@ class TokenIssuer:
     revocations: Any = field(default=None, repr=False)
     kid: str = field(init=False)
     _public_key: Ed25519PublicKey = field(init=False, repr=False)
+    #: Payloads of tokens whose signature, algorithm, key, issuer and audience were verified
+    #: (what never changes for a given token), by the token's text. Time claims and
+    #: revocation are checked on every use, cached or not.
+    _verified: dict[str, dict[str, Any]] = field(factory=dict, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self._public_key = self.key.public_key()
@@ -209,6 +215,23 @@ class TokenIssuer:
         """
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LEN:
             raise InvalidToken("malformed token")
+        payload = self._verified.get(token)
+        if payload is None:
+            payload = self._verify_signed(token)
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                # Oldest first (dicts keep insertion order): old tokens expire first too.
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = payload
+        claims = self._check_claims(payload)
+        if self.revocations is not None and self.revocations.is_revoked(
+            claims.sub, claims.iat, claims.sid, claims.gid
+        ):
+            raise InvalidToken("token revoked")
+        return claims
+
+    def _verify_signed(self, token: str) -> dict[str, Any]:
+        """The payload of ``token`` once its header, signature, issuer and audience check
+        out (EdDSA verification: the costly part, done once per token and process)."""
         try:
             header = jwt.get_unverified_header(token)
         except (jwt.PyJWTError, ValueError, TypeError):
@@ -245,12 +268,9 @@ class TokenIssuer:
             raise InvalidToken("unsupported algorithm") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise InvalidToken("malformed token") from None
-        claims = self._check_claims(payload)
-        if self.revocations is not None and self.revocations.is_revoked(
-            claims.sub, claims.iat, claims.sid, claims.gid
-        ):
-            raise InvalidToken("token revoked")
-        return claims
+        if not isinstance(payload, dict):
+            raise InvalidToken("malformed token")
+        return payload
 
     def _check_claims(self, payload: dict[str, Any]) -> AccessClaims:
         now = self.clock()
