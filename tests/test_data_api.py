@@ -844,3 +844,33 @@ async def test_nested_field_conditions_work_next_to_null_values(
         resp = await vibed.request("GET", url(c, q=selector), token=alice.token)
         assert resp.code == 200, (selector, resp.content)
         assert sorted(d["n"] for d in resp.json()["docs"]) == expected, selector
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_routes_answer_as_klein_does(vibed: Vibed, alice: Person) -> None:
+    """The document routes served outside Klein (vibed.api.direct) and the paths left to
+    Klein answer alike: escaped and odd paths, other methods, HEAD, a missing token and an
+    unknown document each get the same problem+json they always did."""
+    name = coll()
+    made = await vibed.request("PUT", url(name, "a1"), {"x": 1}, token=alice.token)
+    assert made.code == 201
+    escaped = await vibed.request("GET", f"/data/{name[0]}%{ord(name[1]):02x}{name[2:]}/a1",
+                                  token=alice.token)  # fmt: skip
+    assert escaped.code == 200 and escaped.json()["x"] == 1  # Klein decodes, same document
+    head = await vibed.request("HEAD", url(name, "a1"), token=alice.token)
+    assert head.code == 200 and head.content == b""
+    patch = await vibed.request("PATCH", url(name, "a1"), {"x": 2}, token=alice.token)
+    assert patch.code == 405 and "PUT" in (patch.header("allow") or "")
+    for path, code in [
+        (url(name, "missing"), 404),
+        (f"/data/{name.upper()}/a1", 400),
+        (url(name, "_index"), 200),
+        (f"/data/{name}/a1/extra", 404),
+    ]:
+        resp = await vibed.request("GET", path, token=alice.token)
+        assert resp.code == code, (path, resp.content)
+        if code >= 400:
+            assert resp.header("content-type") == "application/problem+json", path
+    anonymous = await vibed.request("GET", url(name, "a1"))
+    assert anonymous.code == 401
+    assert anonymous.header("www-authenticate") == 'Bearer realm="vibe"'

@@ -115,6 +115,44 @@ def write_problem(request: IRequest, problem: Problem) -> bytes:
     return json.dumps(problem.body()).encode("utf-8")
 
 
+def answer_unexpected(request: IRequest, failure: Failure) -> bytes | None:
+    """The answer to a failure that is not a Problem (None: the client went away)."""
+    if failure.check(CancelledError):
+        # The client went away; nothing to answer.
+        return None
+    from vibed.couch.errors import CouchUnavailable
+
+    if failure.check(CouchUnavailable):
+        _log.warn("CouchDB unavailable: {reason}", reason=str(failure.value))
+        return write_problem(
+            request,
+            ServiceUnavailable("The database is not reachable right now; try again shortly."),
+        )
+    _log.failure(
+        "Unhandled error answering {method} {path}",
+        failure,
+        method=request.method,
+        path=request.path,
+    )
+    return write_problem(
+        request,
+        Problem(
+            "Internal error; it has been logged.",
+            status=500,
+            slug="internal",
+            title="Internal server error",
+        ),
+    )
+
+
+def answer_failure(request: IRequest, failure: Failure) -> bytes | None:
+    """What the handlers of :func:`install_error_handlers` answer, for routes served
+    outside Klein (:mod:`vibed.api.direct`)."""
+    if failure.check(Problem):
+        return write_problem(request, failure.value)
+    return answer_unexpected(request, failure)
+
+
 def install_error_handlers(app: Klein) -> None:
     """Map Problems, routing errors and anything unexpected to problem+json on ``app``."""
 
@@ -135,34 +173,7 @@ def install_error_handlers(app: Klein) -> None:
         return write_problem(request, problem)
 
     def _unexpected(*args: Any) -> bytes | None:
-        request: IRequest = args[-2]
-        failure: Failure = args[-1]
-        if failure.check(CancelledError):
-            # The client went away; nothing to answer.
-            return None
-        from vibed.couch.errors import CouchUnavailable
-
-        if failure.check(CouchUnavailable):
-            _log.warn("CouchDB unavailable: {reason}", reason=str(failure.value))
-            return write_problem(
-                request,
-                ServiceUnavailable("The database is not reachable right now; try again shortly."),
-            )
-        _log.failure(
-            "Unhandled error answering {method} {path}",
-            failure,
-            method=request.method,
-            path=request.path,
-        )
-        return write_problem(
-            request,
-            Problem(
-                "Internal error; it has been logged.",
-                status=500,
-                slug="internal",
-                title="Internal server error",
-            ),
-        )
+        return answer_unexpected(args[-2], args[-1])
 
     register: Any = app.handle_errors
     register(Problem)(_problem)

@@ -78,7 +78,10 @@ def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps(body).encode("utf-8")
+    encoded = json.dumps(body).encode("utf-8")
+    # Known up front: the answer goes out in one piece, not chunked.
+    request.setHeader(b"Content-Length", b"%d" % len(encoded))
+    return encoded
 
 
 def authenticate(request: IRequest, issuer: TokenIssuer) -> AccessClaims:
