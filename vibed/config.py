@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 from twisted.python import usage
 
 DEFAULT_PORT = "tcp:3000"
@@ -101,6 +101,12 @@ OPTIONS: list[tuple[str, str | None, str]] = [
         "Open sockets waiting for a token, in all, before new handshakes get 503.",
     ),
     ("realtime-ping-timeout", "10", "Seconds a pong may take before the peer is dropped."),
+    (
+        "workers",
+        "1",
+        "Processes serving the one listening socket (a tcp:, tcp6: or unix: --port); "
+        "run in the foreground with more than one.",
+    ),
 ]
 
 
@@ -154,6 +160,14 @@ class Config:
     signup_window: int = 3600
     challenge_limit_per_address: int = 30
     extra: Mapping[str, Any] = field(factory=dict)
+    workers: int = 1
+    #: The option values this configuration was validated from (workers are started with
+    #: them); they hold secrets: never log them.
+    raw: Mapping[str, str | None] = field(factory=dict, repr=False, eq=False)
+
+    def evolve_extra(self, **values: Any) -> Config:
+        """This configuration with ``values`` added to ``extra``."""
+        return evolve(self, extra={**self.extra, **values})
 
     @property
     def embedded(self) -> bool:
@@ -263,7 +277,18 @@ class Config:
                 "realtime-max-unauthenticated", raw["realtime-max-unauthenticated"], 10**7
             ),
         }
+        workers = _positive_int("workers", raw.get("workers") or "1", 64)
+        if workers > 1:
+            from vibed.workers import adoptable
+
+            if not adoptable(port):
+                raise ConfigError(
+                    "--workers: the workers share a bare listening socket: use a tcp:, tcp6: "
+                    "or unix: --port (terminate TLS in front of vibed)"
+                )
         return cls(
+            workers=workers,
+            raw=dict(raw),
             extra={"realtime": realtime},
             signup_limit_per_address=_positive_int("signup-limit", raw["signup-limit"], 10**9),
             blobs=blobs,

@@ -22,6 +22,7 @@ from twisted.web.server import Site
 from vibed.api.apps import AppsAPI, make_apps
 from vibed.api.auth import AuthAPI
 from vibed.api.data import make_data_api
+from vibed.api.direct import DirectRoutes
 from vibed.api.root import VibeAPI
 from vibed.blobs import make_blobs
 from vibed.bootstrap import BootstrapService, PurgeService
@@ -100,7 +101,8 @@ class Components:
     body_policies: dict[bytes, BodyPolicy]
 
     def site(self) -> VibeSite:
-        return VibeSite(CORSResource(self.api.resource()), self.body_policies)
+        routes = DirectRoutes(self.api.data, self.api.resource())
+        return VibeSite(CORSResource(routes), self.body_policies)
 
 
 def build(
@@ -175,6 +177,7 @@ def build(
         revocations=revocations,
         public_url=config.public_url,
         apps=apps,
+        worker=config.extra.get("worker"),
     )
     return Components(
         config=config,
@@ -195,14 +198,18 @@ def build(
     )
 
 
-def makeService(config: Config, reactor: Any = None) -> MultiService:
-    """The whole daemon as one service tree."""
+def makeService(config: Config, reactor: Any = None, endpoint: Any = None) -> MultiService:
+    """The whole daemon as one service tree (with ``--workers`` above 1: the supervisor of
+    the worker processes, see :mod:`vibed.workers`). ``endpoint`` replaces the one
+    ``--port`` names (a worker adopts its supervisor's socket)."""
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     top = MultiService()
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if config.workers > 1:
+        return _supervisor(config, reactor, top)
 
     pool = CryptoPool(config.crypto_threads, reactor)
     pool.setServiceParent(top)
@@ -248,9 +255,40 @@ def makeService(config: Config, reactor: Any = None) -> MultiService:
     for child in parts.services:
         child.setServiceParent(top)
 
-    endpoint = serverFromString(reactor, config.port)
+    if endpoint is None:
+        endpoint = serverFromString(reactor, config.port)
     site = parts.site()
     ready = wait_for if wait_for is not None else (lambda: succeed(None))
     ListenWhenReady(endpoint, site, ready, reactor).setServiceParent(top)
     top.components = parts  # type: ignore[attr-defined]
+    return top
+
+
+def _supervisor(config: Config, reactor: Any, top: MultiService) -> MultiService:
+    """``--workers N``: the embedded server (if any) and the workers' supervisor."""
+    from vibed.workers import WorkerSupervisor
+
+    try:
+        load_or_create_signing_key(config.jwt_key_file)  # once, before the workers race
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--jwt-key-file: {e}") from None
+    couch_url: Any = lambda: config.couchdb  # noqa: E731
+    ready: Any = lambda: succeed(None)  # noqa: E731
+    if config.embedded:
+        from vibed.embedded import EmbeddedCouch, EmbeddedCouchMissing, find_pouchdb_server
+
+        try:
+            executable = find_pouchdb_server(config.pouchdb_server)
+        except EmbeddedCouchMissing as e:
+            raise ConfigError(f"--couchdb embedded: {e}") from None
+        embedded = EmbeddedCouch(
+            config.data_dir / "couchdb", executable=executable, reactor=reactor
+        )
+        embedded.setServiceParent(top)
+        couch_url = lambda: embedded.url  # noqa: E731
+        ready = embedded.whenReady
+    raw = dict(config.raw)
+    WorkerSupervisor(reactor, config.port, config.workers, raw, couch_url, ready).setServiceParent(
+        top
+    )
     return top

@@ -49,6 +49,8 @@ class VibeAPI:
     revocations: RevocationList
     public_url: str
     apps: AppsAPI
+    #: Which of ``--workers`` processes this is (None: the only one); /healthz says it.
+    worker: int | None = None
 
     app = Klein()
     install_error_handlers(app)
@@ -138,7 +140,10 @@ class VibeAPI:
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
-        return json_response(request, {"status": "ok"})
+        answer: dict[str, Any] = {"status": "ok"}
+        if self.worker is not None:
+            answer["worker"] = self.worker
+        return json_response(request, answer)
 
     @app.route("/readyz", methods=["GET"])
     async def readyz(self, request: IRequest) -> bytes:
