@@ -29,9 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -84,11 +86,23 @@ def measure(
     args: argparse.Namespace,
     daemon_pid: int | None,
     engine_pid: int | None,
+    profile: Path | None = None,
 ) -> tuple[WrkResult, float, float]:
-    """One wrk run; (its result, vibed CPU s/request, CouchDB CPU s/request)."""
+    """One wrk run; (its result, vibed CPU s/request, CouchDB CPU s/request). With
+    ``profile``, py-spy samples vibed meanwhile into that file (collapsed stacks)."""
+    spy = None
+    if profile is not None and daemon_pid is not None:
+        spy = subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(daemon_pid),
+             "--format", "raw", "--output", str(profile), "--nonblocking",
+             "--duration", str(max(1, round(args.seconds)))],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
     v0, c0 = cpu_seconds(daemon_pid), cpu_seconds(engine_pid)
     result = wrk(base, requests, seconds=args.seconds, connections=args.concurrency)
     v1, c1 = cpu_seconds(daemon_pid), cpu_seconds(engine_pid)
+    if spy is not None:
+        spy.wait()
     n = max(result.requests, 1)
     return result, (v1 - v0) / n, (c1 - c0) / n
 
@@ -217,7 +231,8 @@ def run(daemon: Daemon, engine: Engine, args: argparse.Namespace) -> None:
             through, straight = ops[name]
             wrk(base, through, seconds=1, connections=args.concurrency)  # warm up both paths
             wrk(couch, straight, seconds=1, connections=args.concurrency)
-            v, v_cpu, vc_cpu = measure(base, through, args, daemon.pid, engine.pid)
+            profile = Path(args.profile) / f"{name}-{mode}.txt" if args.profile else None
+            v, v_cpu, vc_cpu = measure(base, through, args, daemon.pid, engine.pid, profile)
             d, _, d_cpu = measure(couch, straight, args, None, engine.pid)
             print(
                 f"{name:<7} {mode:<6} | {v.rate:8.0f} {v.p50 * 1e3:7.1f} {v.p99 * 1e3:7.1f} | "
@@ -245,5 +260,10 @@ if __name__ == "__main__":
     parser.add_argument("--seed-docs", type=int, default=1000, help="docs in the collection")
     parser.add_argument(
         "--ops", default="get,create,list,query,sorted", help="comma-separated operations"
+    )
+    parser.add_argument(
+        "--profile",
+        help="a directory: py-spy samples vibed during each vibed run (op-cpus.txt, collapsed "
+        "stacks; summarize with bench/profile.py)",
     )
     main(parser.parse_args())
