@@ -102,6 +102,12 @@ OPTIONS: list[tuple[str, str | None, str]] = [
     ),
     ("realtime-ping-timeout", "10", "Seconds a pong may take before the peer is dropped."),
     (
+        "access-log",
+        "-",
+        "Access log: '-' (a line per request in the daemon's log), 'off', or a file to "
+        "append to (buffered, flushed every second: the cheapest).",
+    ),
+    (
         "workers",
         "1",
         "Processes serving the one listening socket (a tcp:, tcp6: or unix: --port); "
@@ -161,6 +167,7 @@ class Config:
     challenge_limit_per_address: int = 30
     extra: Mapping[str, Any] = field(factory=dict)
     workers: int = 1
+    access_log: str = "-"
     #: The option values this configuration was validated from (workers are started with
     #: them); they hold secrets: never log them.
     raw: Mapping[str, str | None] = field(factory=dict, repr=False, eq=False)
@@ -286,7 +293,13 @@ class Config:
                     "--workers: the workers share a bare listening socket: use a tcp:, tcp6: "
                     "or unix: --port (terminate TLS in front of vibed)"
                 )
+        access_log = (raw.get("access-log") or "-").strip()
+        if access_log not in ("-", "off"):
+            parent = Path(access_log).expanduser().parent
+            if not parent.is_dir():
+                raise ConfigError(f"--access-log: {parent} is not a directory")
         return cls(
+            access_log=access_log,
             workers=workers,
             raw=dict(raw),
             extra={"realtime": realtime},

@@ -146,6 +146,9 @@ SEQ_RE = re.compile(r"^[0-9][0-9A-Za-z_-]{0,8191}\Z")
 #: reactor) for as long as the peer sends them.
 MAX_FRAMES_PER_MESSAGE = 256
 
+#: Framed messages kept for reuse: a change is delivered to all its live sockets in one go.
+PREPARED_CACHE = 256
+
 
 @frozen
 class RealtimeSettings:
@@ -1032,7 +1035,11 @@ class RealtimeProtocol(WebSocketServerProtocol):
         """Hand one message to Autobahn. Whatever goes wrong ends this socket only: the
         caller may be delivering the same change to other sockets."""
         try:
-            self.sendMessage(payload, False)
+            if self._perMessageCompress is None:
+                # The same change goes to every socket that receives it: framed once.
+                self.sendPreparedMessage(self.factory.prepared(payload))
+            else:
+                self.sendMessage(payload, False)
         except Exception:
             _log.failure("realtime socket of {peer}: sending failed", peer=self.peer)
             self._internal_error()
@@ -1153,6 +1160,7 @@ class RealtimeFactory(WebSocketServerFactory):
     def __init__(self, service: RealtimeService) -> None:
         super().__init__(server="vibed", reactor=service.reactor)
         self.service = service
+        self._prepared: OrderedDict[int, tuple[bytes, Any]] = OrderedDict()
         settings = service.settings
         self.setProtocolOptions(
             webStatus=False,  # no HTML status page (it names Autobahn's version)
@@ -1167,6 +1175,19 @@ class RealtimeFactory(WebSocketServerFactory):
             closeHandshakeTimeout=settings.close_timeout,
             failByDrop=False,  # protocol errors close with their code (1007, 1009...)
         )
+
+    def prepared(self, payload: bytes) -> Any:
+        """``payload`` as a framed message, made once however many sockets send it (a
+        change's payload is one bytes object shared by every delivery)."""
+        key = id(payload)
+        hit = self._prepared.get(key)
+        if hit is not None and hit[0] is payload:
+            return hit[1]
+        message = self.prepareMessage(payload, False, True)
+        self._prepared[key] = (payload, message)
+        if len(self._prepared) > PREPARED_CACHE:
+            self._prepared.popitem(last=False)
+        return message
 
 
 class RealtimeResource(WebSocketResource):

@@ -102,7 +102,7 @@ class Components:
 
     def site(self) -> VibeSite:
         routes = DirectRoutes(self.api.data, self.api.resource())
-        return VibeSite(CORSResource(routes), self.body_policies)
+        return VibeSite(CORSResource(routes), self.body_policies, self.config.access_log)
 
 
 def build(

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import IO, Any, cast
 
 from attrs import define
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
@@ -23,6 +24,7 @@ from vibed.errors import PROBLEM_BASE
 _log = Logger(namespace="vibed.web")
 
 DEFAULT_BODY_LIMIT = 1024 * 1024 + 16 * 1024  # the data API's 1 MiB documents, plus slack
+ACCESS_LOG_BUFFER = 64 * 1024
 
 
 @define
@@ -106,13 +108,49 @@ class VibeSite(Site):
     one, e.g. the realtime socket's)."""
 
     def __init__(
-        self, resource: IResource, body_policies: dict[bytes, BodyPolicy] | None = None
+        self,
+        resource: IResource,
+        body_policies: dict[bytes, BodyPolicy] | None = None,
+        access_log: str = "-",
     ) -> None:
         super().__init__(resource, requestFactory=VibeRequest)
         self.body_policies: dict[bytes, BodyPolicy] = dict(body_policies or {})
         self.displayTracebacks = False
+        #: ``-``: one line per request in the daemon's log; ``off``; or a file path, appended
+        #: to through a buffer flushed every second (a log event per request costs about a
+        #: tenth of a proxied request's CPU; a buffered line, a few microseconds).
+        self.access_log = access_log
+        if access_log not in ("-", "off"):
+            self.logPath = access_log
+        self._flusher: LoopingCall | None = None
+
+    def _openLogFile(self, path: str | bytes) -> Any:  # noqa: N802 (Twisted API)
+        return open(path, "a", ACCESS_LOG_BUFFER, encoding="utf-8", newline="\n")  # noqa: SIM115
+
+    def startFactory(self) -> None:  # noqa: N802
+        super().startFactory()
+        if self.logPath and self._flusher is None:
+            self._flusher = LoopingCall(self._flush)
+            self._flusher.clock = self.reactor
+            self._flusher.start(1.0, now=False)
+
+    def stopFactory(self) -> None:  # noqa: N802
+        if self._flusher is not None and self._flusher.running:
+            self._flusher.stop()
+        self._flusher = None
+        super().stopFactory()  # closes (and so flushes) the file
+
+    def _flush(self) -> None:
+        try:
+            log_file: Any = self._logFile
+            if log_file is not None:
+                log_file.flush()
+        except Exception:
+            _log.failure("flushing the access log")
 
     def log(self, request: Any) -> None:
+        if self.access_log == "off":
+            return
         uri = request.uri
         request.uri = uri.split(b"?", 1)[0]
         try:
