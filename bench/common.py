@@ -349,6 +349,11 @@ def add_engine_arguments(parser: Any) -> None:
         "credentials",
     )
     parser.add_argument(
+        "--vibed-args",
+        default="",
+        help="more twistd vibed options, e.g. '--access-log off' or '--workers 2'",
+    )
+    parser.add_argument(
         "--cpus",
         choices=("shared", "pinned", "both"),
         default="shared",

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import urllib.request
@@ -109,7 +110,7 @@ def measure(
 
 def main(args: argparse.Namespace) -> None:
     engine = Engine(args.couchdb).start()
-    extra = ["--couchdb", engine.url]
+    extra = ["--couchdb", engine.url, *shlex.split(args.vibed_args)]
     if args.workers:
         extra += ["--workers", str(args.workers)]
     daemon = Daemon(*extra).start()
@@ -207,7 +208,9 @@ def run(daemon: Daemon, engine: Engine, args: argparse.Namespace) -> None:
     modes = ["shared", "pinned"] if args.cpus == "both" else [args.cpus]
     print(
         f"{engine.name} behind vibed ({args.workers or 1} process"
-        f"{'es' if (args.workers or 1) > 1 else ''}); collection '{COLLECTION}' = key range "
+        f"{'es' if (args.workers or 1) > 1 else ''}"
+        f"{'; ' + args.vibed_args if args.vibed_args else ''}); "
+        f"collection '{COLLECTION}' = key range "
         f"'{start}'..'{start}\\ufff0' of {identity_db(idn, 'data')}, {args.seed_docs} seeded "
         f"docs; wrk {args.concurrency} connections, {args.seconds:g} s per figure; "
         f"load average {os.getloadavg()[0]:.2f}"

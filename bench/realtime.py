@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -182,7 +183,7 @@ def signup_all(base: str, count: int) -> list[tuple[str, str]]:
 
 
 def run_case(args: argparse.Namespace, engine: Engine, sockets: int) -> dict[str, Any]:
-    extra = ["--couchdb", engine.url]
+    extra = ["--couchdb", engine.url, *shlex.split(args.vibed_args)]
     if args.workers:
         extra += ["--workers", str(args.workers)]
     daemon = Daemon(*extra).start()

@@ -721,6 +721,36 @@ class _SendPressure:
         pass
 
 
+def _send_now(transport: Any, frame: bytes) -> bool:
+    """Send ``frame`` on a plain TCP connection with nothing queued, now (False: not such a
+    connection; the caller writes it the usual way).
+
+    ``transport.write`` would queue the bytes, register the socket for writing (one
+    ``epoll_ctl``), send on the next reactor turn and unregister it (another): three system
+    calls per message where one does, for every socket a change goes to. What the kernel
+    does not take at once is queued as usual, so the send queue limits and the producer that
+    pauses on a full kernel buffer keep working."""
+    sock = getattr(transport, "socket", None)
+    if (
+        sock is None
+        or getattr(transport, "TLS", True)
+        or not transport.connected
+        or transport.disconnecting
+        or transport._tempDataLen  # noqa: SLF001 - Twisted's write buffers: must be empty
+        or len(transport.dataBuffer) != transport.offset
+    ):
+        return False
+    try:
+        sent = sock.send(frame)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        return False  # let the transport meet (and report) the error
+    if sent < len(frame):
+        transport.write(frame[sent:])
+    return True
+
+
 class RealtimeProtocol(WebSocketServerProtocol):
     """One client socket; the protocol is in the module docstring."""
 
@@ -1037,7 +1067,9 @@ class RealtimeProtocol(WebSocketServerProtocol):
         try:
             if self._perMessageCompress is None:
                 # The same change goes to every socket that receives it: framed once.
-                self.sendPreparedMessage(self.factory.prepared(payload))
+                frame: bytes = self.factory.prepared(payload).payloadHybi
+                if self.send_queue or not _send_now(self.transport, frame):
+                    self.sendData(frame)
             else:
                 self.sendMessage(payload, False)
         except Exception:
