@@ -42,8 +42,8 @@ run: install
 	$(BIN)/twistd -n vibed --port $(PORT)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check vibed twisted tests bench tests_infra infra
-	$(BIN)/ruff format --check vibed twisted tests bench tests_infra infra
+	$(BIN)/ruff check vibed agent_bridge twisted tests bench tests_infra infra
+	$(BIN)/ruff format --check vibed agent_bridge twisted tests bench tests_infra infra
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy

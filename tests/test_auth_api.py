@@ -19,10 +19,9 @@ from harness import FakeClock, Vibed, VibedFactory, make_config
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.logger import globalLogPublisher
 
-from vibed.api.auth import challenge_message
 from vibed.couch import CouchServer, CouchUnavailable
 from vibed.identity import IdentityService
-from vibed.keys import b64decode, b64url_encode, derive_wrap_key, unwrap_seed
+from vibed.keys import b64url_encode
 from vibed.naming import IDENTITIES_DB, identity_dbs
 
 PASSWORD = "correct horse battery"
@@ -411,81 +410,6 @@ async def test_logout_ends_the_session_and_bad_cookies_fail(vibed: Vibed) -> Non
     assert_problem(await vibed.request("POST", "/auth/refresh", cookie="garbage"), 401)
 
 
-# -- agent challenge ---------------------------------------------------------------------
-
-
-async def _identity_key(vibed: Vibed, couch_url: str, idn: str) -> Ed25519PrivateKey:
-    """Unwrap the identity's private key the way the agent does (password + keyWrapped)."""
-    couch = CouchServer.from_url(couch_url)
-    try:
-        doc = await couch.database(IDENTITIES_DB).get(idn)
-    finally:
-        await couch.close()
-    seed = unwrap_seed(doc["keyWrapped"], derive_wrap_key(PASSWORD, b64decode(doc["salt"])))
-    return Ed25519PrivateKey.from_private_bytes(seed)
-
-
-@pytest_twisted.ensureDeferred
-async def test_challenge_response_logs_the_agent_in(vibed: Vibed, couch_url: str) -> None:
-    """The agent unwraps its key, signs the documented message, and gets tokens; the same
-    nonce again is 401."""
-    identity = (await vibed.signup(email())).json()["identity"]
-    key = await _identity_key(vibed, couch_url, identity["id"])
-    challenge = (await vibed.request("GET", "/auth/challenge")).json()
-    assert challenge["aud"] == "http://vibe.test"
-    assert challenge["expiresAt"] - time.time() == pytest.approx(60, abs=5)
-    signature = key.sign(challenge_message(challenge["aud"], challenge["nonce"]))
-    answer = {
-        "did": identity["did"],
-        "nonce": challenge["nonce"],
-        "signature": b64url_encode(signature),
-    }
-    resp = await vibed.request("POST", "/auth/response", answer)
-    assert resp.code == 200, resp.content
-    assert resp.json()["identity"]["id"] == identity["id"]
-    assert resp.refresh_cookie
-    me = await vibed.request("GET", "/me", token=resp.json()["accessToken"])
-    assert me.json()["id"] == identity["id"]
-    assert_problem(await vibed.request("POST", "/auth/response", answer), 401)
-
-
-@pytest_twisted.ensureDeferred
-async def test_challenge_attacks_are_refused(vibed: Vibed, couch_url: str) -> None:
-    """Expired nonce, a signature by another key, a signature for another audience, an
-    invented nonce: all 401; malformed dids and signatures 400."""
-    identity = (await vibed.signup(email())).json()["identity"]
-    key = await _identity_key(vibed, couch_url, identity["id"])
-
-    async def answer(signer: Ed25519PrivateKey, aud: str | None = None, advance: float = 0) -> Any:
-        ch = (await vibed.request("GET", "/auth/challenge")).json()
-        assert isinstance(vibed.clock, FakeClock)
-        vibed.clock.advance(advance)
-        sig = signer.sign(challenge_message(aud or ch["aud"], ch["nonce"]))
-        return await vibed.request(
-            "POST",
-            "/auth/response",
-            {"did": identity["did"], "nonce": ch["nonce"], "signature": b64url_encode(sig)},
-        )
-
-    assert_problem(await answer(key, advance=61), 401)
-    assert_problem(await answer(Ed25519PrivateKey.generate()), 401)
-    assert_problem(await answer(key, aud="https://other-server.example"), 401)
-    invented = {
-        "did": identity["did"],
-        "nonce": b64url_encode(b"x" * 32),
-        "signature": b64url_encode(key.sign(b"whatever")),
-    }
-    assert_problem(await vibed.request("POST", "/auth/response", invented), 401)
-    for bad in (
-        {"did": "did:web:example.com", "nonce": "n", "signature": "s"},
-        {"did": identity["did"], "nonce": "n", "signature": "***"},
-        {"did": identity["did"], "nonce": 5, "signature": "s"},
-    ):
-        assert_problem(await vibed.request("POST", "/auth/response", bad), 400)
-    # And the right key still works afterwards.
-    assert (await answer(key)).code == 200
-
-
 # -- bad input ----------------------------------------------------------------------------
 
 
@@ -631,12 +555,10 @@ async def test_no_secret_reaches_a_log_line(vibed: Vibed) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_signups_and_challenges_are_bounded_per_address(make_vibed: VibedFactory) -> None:
-    """Signup (which costs CPU) and challenge issuance (which writes a document) are limited
-    per client address: past the limit, 429 with Retry-After; another address is unaffected."""
-    v = await make_vibed(
-        trusted_proxies="127.0.0.1", signup_limit_per_address=2, challenge_limit_per_address=3
-    )
+async def test_signups_are_bounded_per_address(make_vibed: VibedFactory) -> None:
+    """Signup (which costs CPU) is limited per client address: past the limit, 429 with
+    Retry-After; another address is unaffected."""
+    v = await make_vibed(trusted_proxies="127.0.0.1", signup_limit_per_address=2)
     client = {"X-Forwarded-For": f"198.18.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}"}
     for _ in range(2):
         r = await v.request(
@@ -653,7 +575,3 @@ async def test_signups_and_challenges_are_bounded_per_address(make_vibed: VibedF
         "POST", "/auth/signup", {"email": email(), "password": PASSWORD}, headers=other
     )
     assert r.code == 201
-
-    for _ in range(3):
-        assert (await v.request("GET", "/auth/challenge", headers=client)).code == 200
-    assert_problem(await v.request("GET", "/auth/challenge", headers=client), 429)

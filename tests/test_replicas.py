@@ -10,7 +10,7 @@ import pytest_twisted
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness import FakeClock, Vibed, make_config
 
-from vibed.api.auth import challenge_message
+from agent_bridge.protocol import challenge_message
 from vibed.keys import b64decode, b64url_encode, derive_wrap_key, unwrap_seed
 
 PASSWORD = "correct horse battery"

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from agent_bridge.api import AgentBridge
 from vibed.api.apps import AppsAPI, make_apps
 from vibed.api.auth import AuthAPI
 from vibed.api.data import make_data_api
@@ -157,7 +158,6 @@ def build(
         identities=identities,
         issuer=issuer,
         refresh=refresh,
-        nonces=nonces,
         limiter=limiter,
     )
     data = make_data_api(config, couch, issuer)
@@ -177,6 +177,7 @@ def build(
         revocations=revocations,
         public_url=config.public_url,
         apps=apps,
+        agent=AgentBridge(auth=auth, nonces=nonces),
         worker=config.extra.get("worker"),
     )
     return Components(

@@ -1,14 +1,9 @@
-"""``/auth/*``: signup, login, refresh, logout and the agent's DID challenge-response.
+"""``/auth/*``: signup, login, refresh and logout.
 
 Responses that log someone in carry the access token in the JSON body and the refresh token in
 an httpOnly, SameSite=Strict cookie scoped to ``/auth`` (Secure when the public URL is https).
-
-The challenge message the agent signs (Ed25519, signature sent as base64url) is exactly the
-UTF-8 bytes of::
-
-    vibe-auth-v1\\naud:<aud>\\nnonce:<nonce>
-
-with ``aud`` and ``nonce`` as ``GET /auth/challenge`` returned them (see docs/auth.md).
+The agent's DID challenge (``/auth/challenge``, ``/auth/response``) lives in
+:mod:`agent_bridge.api` and logs in through :meth:`AuthAPI.login_response`.
 """
 
 from __future__ import annotations
@@ -30,12 +25,11 @@ from vibed.identity import (
     normalise_email,
     redact,
 )
-from vibed.keys import b64url_decode, public_from_did_key, verify_ed25519
 from vibed.ratelimit import Hit, RateLimiter
-from vibed.sessions import NonceStore, RefreshRejected, RefreshStore, Rotation
+from vibed.sessions import RefreshRejected, RefreshStore, Rotation
 from vibed.tokens import TokenIssuer
 
-from .http import client_address, json_response, read_json_object, require_str
+from .http import client_address, json_response, read_json_object
 
 _log = Logger(namespace="vibed.api.auth")
 
@@ -47,18 +41,12 @@ SCOPES = (FIRST_PARTY_SCOPE, "data:*", "blob:*")
 LOGIN_FAILED = "The email or password is not right."
 
 
-def challenge_message(aud: str, nonce: str) -> bytes:
-    """The exact bytes an agent signs to answer a challenge."""
-    return f"vibe-auth-v1\naud:{aud}\nnonce:{nonce}".encode()
-
-
 @define(slots=False)
 class AuthAPI:
     config: Config
     identities: IdentityService
     issuer: TokenIssuer
     refresh: RefreshStore
-    nonces: NonceStore
     limiter: RateLimiter
 
     app = Klein()
@@ -98,14 +86,16 @@ class AuthAPI:
             "expiresAt": exp,
         }
 
-    async def _login_response(
+    async def login_response(
         self, request: IRequest, doc: dict[str, Any], status: int = 200
     ) -> bytes:
+        """Log ``doc``'s identity in: a new session, the refresh cookie, the tokens' body.
+        Every way of logging in ends here (password, signup, the agent's DID challenge)."""
         rotation = await self.refresh.create_family(doc["_id"])
         body = {"identity": redact(doc), **self._tokens(request, doc["_id"], rotation)}
         return json_response(request, body, status)
 
-    async def _reserve(
+    async def reserve(
         self,
         keys: list[tuple[str, int]],
         window: int | None = None,
@@ -119,7 +109,7 @@ class AuthAPI:
             raise TooManyRequests(message, retry_after=wait)
         return hits
 
-    async def _release(self, hits: list[Hit]) -> None:
+    async def release(self, hits: list[Hit]) -> None:
         for hit in hits:
             await self.limiter.release(hit)
 
@@ -129,7 +119,7 @@ class AuthAPI:
         # Each signup costs an Argon2id hash and a scrypt derivation: bound it per address.
         address = client_address(request, self.config.trusted_proxies)
         key = f"signup:addr:{address}"
-        await self._reserve(
+        await self.reserve(
             [(key, self.config.signup_limit_per_address)],
             window=self.config.signup_window,
             message="Too many signups from this address; wait before trying again.",
@@ -147,15 +137,16 @@ class AuthAPI:
             (f"login:addr:{address}", self.config.login_limit_per_address),
         ]
         # The attempt counts as a failure until it is known not to be one.
-        hits = await self._reserve(keys)
+        hits = await self.reserve(keys)
         try:
             doc = await self.identities.login(email, password)
         except LoginFailed:
             raise Unauthorized(LOGIN_FAILED, slug="login-failed") from None
         except BaseException:
-            await self._release(hits)
+            await self.release(hits)
             raise
-        await self._release(hits)
+        await self.release(hits)
+        _log.info("Password login: {idn}", idn=doc["_id"])
         return doc
 
     async def start_session(self, request: IRequest, idn: str) -> Rotation:
@@ -172,7 +163,7 @@ class AuthAPI:
         email = normalise_email(body.get("email"))
         password = check_password(body.get("password"))
         doc = await self.password_signup(request, email, password)
-        return await self._login_response(request, doc, 201)
+        return await self.login_response(request, doc, 201)
 
     @app.route("/login", methods=["POST"])
     async def login(self, request: IRequest) -> bytes:
@@ -182,7 +173,7 @@ class AuthAPI:
         if not isinstance(password, str) or not password or len(password) > 1024:
             raise BadRequest("'password' is required and must be a string.")
         doc = await self.password_login(request, email, password)
-        return await self._login_response(request, doc)
+        return await self.login_response(request, doc)
 
     @app.route("/refresh", methods=["POST"])
     async def refresh_token(self, request: IRequest) -> bytes:
@@ -207,54 +198,3 @@ class AuthAPI:
         self._clear_cookie(request)
         request.setResponseCode(204)
         return b""
-
-    @app.route("/challenge", methods=["GET"])
-    async def challenge(self, request: IRequest) -> bytes:
-        # Unauthenticated and it writes a document: bound it per address.
-        address = client_address(request, self.config.trusted_proxies)
-        key = f"challenge:issue:{address}"
-        await self._reserve(
-            [(key, self.config.challenge_limit_per_address)],
-            window=60,
-            message="Too many challenges from this address; wait before asking again.",
-        )
-        issued = await self.nonces.issue()
-        return json_response(
-            request,
-            {"nonce": issued.nonce, "aud": self.config.public_url, "expiresAt": issued.expires_at},
-        )
-
-    @app.route("/response", methods=["POST"])
-    async def response(self, request: IRequest) -> bytes:
-        body = read_json_object(request)
-        did = require_str(body, "did", 200)
-        nonce = require_str(body, "nonce", 200)
-        signature_text = require_str(body, "signature", 200)
-        try:
-            public_key = public_from_did_key(did)
-        except ValueError:
-            raise BadRequest("'did' must be an Ed25519 did:key.") from None
-        try:
-            signature = b64url_decode(signature_text.rstrip("="))
-        except ValueError:
-            raise BadRequest("'signature' must be base64url.") from None
-        address = client_address(request, self.config.trusted_proxies)
-        key = f"challenge:addr:{address}"
-        hits = await self._reserve([(key, self.config.login_limit_per_address)])
-        refused = Unauthorized("The challenge response was not accepted.", slug="challenge-failed")
-        # Spend the nonce first: whatever happens next, it can never be used again.
-        try:
-            spent = await self.nonces.consume(nonce)
-            if spent is None:
-                raise refused
-            message = challenge_message(self.config.public_url, nonce)
-            doc = await self.identities.by_did(did)
-            if doc is None or not verify_ed25519(public_key, message, signature):
-                raise refused
-        except Unauthorized:
-            raise  # a failure: it stays counted
-        except BaseException:
-            await self._release(hits)
-            raise
-        await self._release(hits)
-        return await self._login_response(request, doc)

@@ -10,6 +10,7 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
+from agent_bridge.api import AgentBridge
 from vibed.bootstrap import BootstrapService
 from vibed.couch import CouchError, CouchServer
 from vibed.errors import Forbidden, NotFound, ServiceUnavailable, install_error_handlers
@@ -49,6 +50,7 @@ class VibeAPI:
     revocations: RevocationList
     public_url: str
     apps: AppsAPI
+    agent: AgentBridge
     #: Which of ``--workers`` processes this is (None: the only one); /healthz says it.
     worker: int | None = None
 
@@ -116,6 +118,16 @@ class VibeAPI:
     @app.route("/static/<path:name>", methods=["GET"])
     def static_file(self, request: IRequest, name: str) -> bytes:
         return self.apps.static.serve(request, name)
+
+    # -- the vibe agent: DID challenge (agent_bridge) ----------------------------------------
+
+    @app.route("/auth/challenge", methods=["GET"])
+    async def agent_challenge(self, request: IRequest) -> bytes:
+        return await self.agent.challenge(request)
+
+    @app.route("/auth/response", methods=["POST"])
+    async def agent_response(self, request: IRequest) -> bytes:
+        return await self.agent.response(request)
 
     @app.route("/auth/", branch=True)
     def auth_branch(self, request: IRequest) -> IResource:
