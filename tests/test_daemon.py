@@ -51,6 +51,8 @@ def test_non_editable_install_ships_and_finds_the_plugin(tmp_path: Path) -> None
     # The browser SDK, the React hooks and the pages' styles ship in the wheel (vibed_web).
     for name in ("sdk/vibe.js", "sdk/vibe.d.ts", "react/index.js", "static/vibe.css"):
         assert f"vibed_web/{name}" in names
+    # The agent's routes (the daemon mounts them) ship too.
+    assert "agent_bridge/api.py" in names and "agent_bridge/protocol.py" in names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
