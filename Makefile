@@ -99,7 +99,7 @@ infra-tools: $(INFRA_VENV)/.installed
 
 # Builds the image, then runs it, the self-host stack, and checks the chart, the Terraform,
 # the systemd unit and the CI workflow with real tools (tests_infra/README.md).
-test-infra: infra-tools image
+test-infra: infra-tools $(VENV)/.installed image
 	IMAGE=$(IMAGE) $(PODMAN_ENV) $(INFRA_VENV)/bin/pytest -q -p no:cacheprovider tests_infra
 
 lock-infra:

@@ -2,10 +2,10 @@
 # What `make test-infra` needs from Debian on the host, installed only when missing (so a
 # second run costs nothing): podman and its OCI runtime, debootstrap for the base image,
 # podman-compose for the self-host stack, Caddy (Debian's) to check the Caddyfile, and
-# systemd for `systemd-analyze verify`. Needs root on a clean machine; says so otherwise.
+# systemd for `systemd-analyze verify`, shellcheck (also used by actionlint). Needs root on a clean machine; says so otherwise.
 set -euo pipefail
 packages=(podman runc debootstrap podman-compose netavark aardvark-dns uidmap slirp4netns
-          fuse-overlayfs caddy systemd curl ca-certificates)
+          fuse-overlayfs caddy systemd curl ca-certificates debian-archive-keyring shellcheck)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

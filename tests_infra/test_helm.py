@@ -178,7 +178,8 @@ def test_checkov_finds_nothing_in_the_rendered_chart(tmp_path: Path) -> None:
     for i, obj in enumerate(render(PRODUCTION, namespace="prod")):
         (out / f"{i:02d}-{obj['kind']}.yaml").write_text(yaml.safe_dump(obj))
     done = subprocess.run(
-        [str(BIN / "checkov"), "-d", str(out), "--framework", "kubernetes", "--compact", "--skip-download",
+        [str(BIN / "checkov"), "-d", str(out), "--framework", "kubernetes", "--compact",
+         "--skip-download",
          "--quiet", "--output", "json"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip

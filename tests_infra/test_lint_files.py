@@ -42,3 +42,26 @@ def test_hadolint_would_catch_a_bad_dockerfile(tmp_path: Path) -> None:
         [str(BIN / "hadolint"), "--no-color", str(bad)], capture_output=True, text=True, check=False
     )
     assert done.returncode != 0 and "DL3007" in done.stdout
+
+
+def shell_scripts() -> list[Path]:
+    return sorted(
+        p for p in [*ROOT.glob("infra/**/*.sh"), *ROOT.glob("tests_infra/**/*.sh")] if p.is_file()
+    )
+
+
+def test_shellcheck_passes_on_every_script(tmp_path: Path) -> None:
+    """shellcheck finds nothing in the scripts users and CI run (backup, restore, base image,
+    host tools, the chart's secret check, the compose preflight)."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "infra" / "selfhost" / "docker-compose.yml").read_text())
+    preflight = tmp_path / "preflight.sh"
+    script = compose["services"]["preflight"]["command"][0].replace("$$", "$")
+    preflight.write_text("#!/bin/sh\n" + script)
+    files = [*shell_scripts(), preflight]
+    assert len(files) >= 7
+    done = subprocess.run(
+        ["shellcheck", *map(str, files)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout

@@ -14,7 +14,7 @@ project=${COMPOSE_PROJECT_NAME:-vibe}
 image=${VIBED_IMAGE:-rg.fr-par.scw.cloud/vibe/vibed:latest}
 volumes="couchdb-data minio-data vibe-data caddy-data"
 
-[ $# -eq 1 ] && [ -d "$1" ] || { echo "usage: $0 BACKUP_DIR" >&2; exit 2; }
+if [ $# -ne 1 ] || [ ! -d "$1" ]; then echo "usage: $0 BACKUP_DIR" >&2; exit 2; fi
 from=$(cd "$1" && pwd)
 [ -f "$from/vibe-data.tar.gz" ] || { echo "restore: $from holds no vibe-data.tar.gz: not a backup" >&2; exit 2; }
 

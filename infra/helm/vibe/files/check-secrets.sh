@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Init container of the vibed pods: the Secrets' values must be there and strong, or the pod
 # stops here with a line naming the Secret and key (kubectl logs <pod> -c check-secrets).
 fail=0
@@ -7,7 +8,7 @@ check() {
   if [ "${#value}" -lt 16 ]; then
     echo "check-secrets: $name is too weak (${#value} characters, at least 16): openssl rand -hex 24" >&2; fail=1; return
   fi
-  case "$(echo "$value" | tr 'A-Z' 'a-z')" in
+  case "$(echo "$value" | tr '[:upper:]' '[:lower:]')" in
     *changeme*|*change-me*|*password*|*example*|minioadmin*|monster*|admin*|12345678*)
       echo "check-secrets: $name is a well-known placeholder: openssl rand -hex 24" >&2; fail=1;;
   esac
