@@ -153,6 +153,14 @@ def test_image_holds_the_wheel_not_the_tree_nor_build_secrets(image: str) -> Non
     ).stdout.split()  # fmt: skip
     assert "/site-packages/vibed/" in out[0]
     assert out[1:] == ["False", "False", "False"], out
+    # The browser files (web/, package data of the wheel) came along, not from a checkout.
+    web = podman(
+        "run", "--rm", "--network", "host", "--ulimit", "host",
+        "--entrypoint", "/opt/vibed/bin/python", image, "-c",
+        "from vibed.api.apps import web_dir; d = web_dir(); "
+        "print(d, (d / 'sdk' / 'vibe.js').is_file())",
+    ).stdout.split()  # fmt: skip
+    assert "/site-packages/" in web[0] and web[1] == "True", web
     helped = podman(
         "run", "--rm", "--network", "host", "--ulimit", "host", image, "--help", timeout=120,
     ).stdout  # fmt: skip
