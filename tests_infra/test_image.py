@@ -2,8 +2,8 @@
 
 What a self-hoster does with it (`docker run -v vibe:/data IMAGE`) is what these tests do:
 start it with its embedded defaults, sign up, write, stop it the way `docker stop` does
-(SIGTERM), start it again and find the data in the volume. On this machine containers share
-the host's network (`--network host`), so each test gives vibed a free port via VIBE_PORT.
+(SIGTERM), start it again and find the data in the volume. The port is published on a free
+port of 127.0.0.1, so parallel runs never collide.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from conftest import ROOT, Http, free_port, podman, unique
 def run_vibed(
     image: str, volume: str, containers: list[str], *extra: str, port: int | None = None
 ) -> tuple[str, Http]:
-    """Start the image detached with its volume on a free port; return (name, client)."""
+    """`docker run -d -p PORT:3000 -v VOLUME:/data IMAGE` (podman's bridge network; the port
+    published on 127.0.0.1 only); return (name, client)."""
     port = port or free_port()
     name = unique(f"vibed-{uuid.uuid4().hex[:6]}")
     podman(
-        "run", "-d", "--name", name, "--network", "host", "--ulimit", "host",
-        "-e", f"VIBE_PORT=tcp:{port}:interface=127.0.0.1",
+        "run", "-d", "--name", name, "--ulimit", "host",
+        "-p", f"127.0.0.1:{port}:3000",
         "-v", f"{volume}:/data",
         *extra, image,
     )  # fmt: skip
