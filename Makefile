@@ -88,6 +88,8 @@ image:
 	    --build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
 	    -t $(IMAGE) .
 	@$(PODMAN_ENV) podman image inspect $(IMAGE) --format 'make image: $(IMAGE) {{.Size}} bytes'
+	@# Each rebuild leaves the previous layers behind: drop those unused for three days.
+	@$(PODMAN_ENV) podman image prune -f --filter until=72h >/dev/null
 
 $(INFRA_VENV)/.installed: tests_infra/requirements.txt tests_infra/constraints.txt
 	$(PYTHON) -m venv $(INFRA_VENV)
@@ -100,7 +102,7 @@ infra-tools: $(INFRA_VENV)/.installed
 # Builds the image, then runs it, the self-host stack, and checks the chart, the Terraform,
 # the systemd unit and the CI workflow with real tools (tests_infra/README.md).
 test-infra: infra-tools $(VENV)/.installed image
-	IMAGE=$(IMAGE) $(PODMAN_ENV) $(INFRA_VENV)/bin/pytest -q -p no:cacheprovider tests_infra
+	IMAGE=$(IMAGE) $(PODMAN_ENV) $(INFRA_VENV)/bin/pytest -q -p no:cacheprovider --durations=8 tests_infra
 
 lock-infra:
 	rm -rf /tmp/vibed-lock-infra && $(PYTHON) -m venv /tmp/vibed-lock-infra

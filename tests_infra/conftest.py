@@ -69,6 +69,30 @@ def unique(name: str) -> str:
     return f"vibetest-{RUN_ID}-{name}"
 
 
+STALE_AFTER_S = 2 * 3600
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_leftovers_of_killed_runs() -> None:
+    """A run killed before its teardown leaves `vibetest-*` containers and volumes behind;
+    those over two hours old are removed (younger ones may belong to a run going on now)."""
+    if shutil.which("podman") is None:
+        return
+    now = time.time()
+    listing = podman("ps", "-a", "--filter", "name=vibetest-", "--format", "json", check=False)
+    for entry in json.loads(listing.stdout or "[]"):
+        if now - float(entry.get("Created", now)) > STALE_AFTER_S:
+            for name in entry.get("Names", []):
+                podman("rm", "-f", "-v", "-t", "2", name, check=False)
+    volumes = podman("volume", "ls", "--format", "json", check=False)
+    for entry in json.loads(volumes.stdout or "[]"):
+        name = entry.get("Name", "")
+        created = podman("volume", "inspect", name, "--format", "{{.CreatedAt.Unix}}", check=False)
+        if name.startswith("vibetest-") and created.stdout.strip().isdigit():
+            if now - int(created.stdout.strip()) > STALE_AFTER_S:
+                podman("volume", "rm", "-f", name, check=False)
+
+
 @pytest.fixture(scope="session")
 def image() -> str:
     """The image `make image` built (``IMAGE``), which every container test runs."""
