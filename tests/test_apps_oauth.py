@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
 from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlencode
 
 import pytest_twisted
 from harness import Vibed, VibedFactory
@@ -350,3 +353,43 @@ async def test_app_tokens_cannot_manage_the_identity(vibed: Vibed) -> None:
     assert deleted.code == 403
     me = await vibed.request("GET", "/me", token=access)
     assert me.code == 200 and "email" not in me.json() and email not in me.content.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_signup_page_creates_the_account_and_goes_on(vibed: Vibed) -> None:
+    """The create-your-account page makes an identity, logs the person in (session cookie)
+    and goes on to ``next``; a short password or a taken email shows the form again with
+    the reason."""
+    app = App(vibed)
+    path = app.authorize_path("data:read:notes")
+    browser = Browser(vibed)
+    page = await browser.go("GET", "/signup?" + urlencode({"next": path}))
+    assert page.code == 200 and "Create your account" in page.content.decode()
+    fields = hidden_fields(page.content.decode())
+    short = await browser.go(
+        "POST", "/signup", {**fields, "email": "s@example.org", "password": "x"}
+    )
+    assert short.code == 400 and "between 8 and 1024" in short.content.decode()
+    email = f"page-{secrets.token_hex(6)}@example.org"
+    created = await browser.go(
+        "POST", "/signup", {**fields, "email": email, "password": "a long passphrase"}
+    )
+    assert created.code == 303 and created.header("location") == path
+    assert "vibe_session" in browser.cookies and "vibe_refresh" in browser.cookies
+    consent = await browser.go("GET", path)
+    assert consent.code == 200 and email in consent.content.decode()
+    again = await Browser(vibed).go("GET", "/signup")
+    taken = await Browser(vibed, cookies=dict(again_cookies(again))).go(
+        "POST",
+        "/signup",
+        {**hidden_fields(again.content.decode()), "email": email, "password": "another one!"},
+    )
+    assert taken.code == 409
+
+
+def again_cookies(resp: Any) -> list[tuple[str, str]]:
+    out = []
+    for value in resp.headers_all("set-cookie"):
+        name, _, rest = value.partition("=")
+        out.append((name, rest.split(";", 1)[0]))
+    return out

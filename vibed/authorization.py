@@ -107,7 +107,7 @@ class AppAuthority:
         rotation = await self.refresh.create_family(
             grant.idn, family=family, grant=grant.id, client_id=grant.origin
         )
-        await self.grants.touch(grant.idn, grant.id)
+        await self.grants.touch(grant)
         return self.token_response(
             grant.idn, grant.scopes, rotation.family, grant.id, grant.origin, rotation.token
         )
@@ -167,7 +167,7 @@ class AppAuthority:
             raise OAuthError(
                 "invalid_grant", "The refresh token is invalid, expired or was revoked."
             ) from None
-        await self.grants.touch(grant.idn, grant.id)
+        await self.grants.touch(grant)
         return self.token_response(
             grant.idn, scopes, rotation.family, grant.id, client_id, rotation.token
         )

@@ -169,15 +169,16 @@ class GrantStore:
         _log.info("Grant {gid} to {origin} revoked by {idn}", gid=gid, origin=grant.origin, idn=idn)
         return True
 
-    async def touch(self, idn: str, gid: str) -> None:
-        """Note that the grant was used (a token was issued under it); best effort."""
-        db = self._db(idn)
+    async def touch(self, grant: Grant) -> None:
+        """Note that the grant was used (a token was issued under it); best effort, and at
+        most every TOUCH_EVERY seconds (judged from the grant as read, so usually no write)."""
+        now = self.clock()
+        if now - _epoch(grant.last_used_at) < TOUCH_EVERY:
+            return
+        db = self._db(grant.idn)
         try:
-            doc = await db.get(PREFIX + gid)
-            now = self.clock()
-            if now - _epoch(doc.get("lastUsedAt")) < TOUCH_EVERY:
-                return
+            doc = await db.get(PREFIX + grant.id)
             doc["lastUsedAt"] = _iso(now)
             await db.put(doc)
         except CouchError as e:
-            _log.info("Grant {gid}: lastUsedAt not written ({error})", gid=gid, error=type(e))
+            _log.info("Grant {gid}: lastUsedAt not written ({error})", gid=grant.id, error=type(e))
