@@ -435,3 +435,24 @@ async def test_cors_preflight_and_headers(vibed: Vibed) -> None:
         assert pre.header("access-control-allow-origin") is None, path
         post = await vibed.request("POST", path, headers={"Origin": APP})
         assert post.header("access-control-allow-origin") is None, path
+
+
+@pytest_twisted.ensureDeferred
+async def test_database_outage_shows_the_person_a_page_and_recovers(
+    make_vibed: VibedFactory, own_couch: Any
+) -> None:
+    """CouchDB down while a person is sent to authorize: a 503 page that says to try again
+    (HTML, not JSON, no traceback); once it is back, the consent page, without a restart."""
+    vibed = await make_vibed(couch_url=own_couch.url)
+    browser, _ = await logged_in(vibed)
+    path = App(vibed).authorize_path("data:read:notes")
+    own_couch.stop()
+    try:
+        down = await browser.go("GET", path)
+        assert down.code == 503
+        assert down.header("content-type") == "text/html; charset=utf-8"
+        assert "try again" in down.content.decode()
+    finally:
+        own_couch.start()
+    back = await browser.go("GET", path)
+    assert back.code == 200 and "Allow this app" in back.content.decode()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import mimetypes
 import secrets
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qsl, quote
@@ -40,6 +41,7 @@ from twisted.web.server import Request
 
 from vibed.authorization import AppAuthority
 from vibed.config import Config
+from vibed.couch import CouchNotFound, CouchUnavailable
 from vibed.errors import NotFound, Problem, ServiceUnavailable
 from vibed.grants import GID_RE, GrantStore
 from vibed.identity import IdentityService, check_password, normalise_email
@@ -336,7 +338,9 @@ class AppsAPI:
             params, dups = query_params(request)
         except FormError as e:
             return self._bad_client_page(request, BadClient(str(e)))
-        return await self._authorize(request, params, dups, consent_post=False)
+        return await self._page_errors(
+            request, self._authorize(request, params, dups, consent_post=False)
+        )
 
     async def authorize_post(self, request: IRequest) -> bytes:
         """``POST /auth/authorize``: the consent form."""
@@ -344,7 +348,30 @@ class AppsAPI:
             params, dups = form_params(request)
         except FormError as e:
             return self._bad_client_page(request, BadClient(str(e)))
-        return await self._authorize(request, params, dups, consent_post=True)
+        return await self._page_errors(
+            request, self._authorize(request, params, dups, consent_post=True)
+        )
+
+    async def _page_errors(self, request: IRequest, answer: Awaitable[bytes]) -> bytes:
+        """A person on a page gets a page, not JSON, when the database fails."""
+        try:
+            return await answer
+        except CouchUnavailable:
+            return message_page(
+                request,
+                "Vibe Cloud is busy",
+                "The server cannot reach its database right now. Go back and try again in a "
+                "moment.",
+                503,
+            )
+        except CouchNotFound:
+            # The identity's databases are gone (deleted meanwhile): it cannot grant anything.
+            return message_page(
+                request,
+                "This account no longer exists",
+                "Log in with another account from the app.",
+                404,
+            )
 
     async def _authorize(
         self, request: IRequest, params: dict[str, str], dups: set[str], *, consent_post: bool
