@@ -32,7 +32,8 @@ function show(list, docs) {
 
 function report(error) {
   $("error").hidden = !error;
-  $("error").textContent = error ? `${error.message} (${error.code || error.type})` : "";
+  const code = error && (error.code || error.type);
+  $("error").textContent = error ? error.message + (code ? ` (${code})` : "") : "";
 }
 
 function render() {
