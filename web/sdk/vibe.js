@@ -281,7 +281,8 @@ class VibeClient {
     clearTimeout(this.refreshTimer);
     this.refreshTimer = null;
     this.session = null;
-    this.store.remove(this.key);
+    // Other tabs learn that (and why) the session ended from the store.
+    this.store.set(this.key, { ended: reason });
     this.realtime.close();
     this._setIdentity(null);
     this._setState("logged-out", { reason, error: null });
@@ -292,7 +293,7 @@ class VibeClient {
   _adoptStored(emit = true) {
     const stored = this.store.get(this.key);
     if (!stored || typeof stored.refreshToken !== "string") {
-      if (this.session && emit) this._ended("logout");
+      if (this.session && emit) this._ended((stored && stored.ended) || "logout");
       return false;
     }
     const previous = this.session;
