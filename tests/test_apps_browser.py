@@ -319,3 +319,22 @@ def test_sdk_uses_the_agent_when_present(
     page.evaluate("() => window.vibe.listeners.disconnect()")
     until(lambda: page.text_content("#status") == "Logged out", what="agent disconnect")
     context.close()
+
+
+def test_sdk_ignores_a_forged_redirect(
+    browser: Any, server: VibedProcess, notes_site: StaticSite
+) -> None:
+    """An attacker links the person to the app with a code and a state the app never sent
+    (login CSRF): the SDK does not exchange it and the app stays logged out."""
+    context = browser.new_context()
+    page = context.new_page()
+    token_requests: list[str] = []
+    page.on("request", lambda r: token_requests.append(r.url) if "/auth/token" in r.url else None)
+    page.goto(
+        f"{notes_site.origin}/?server={quote(server.url, safe='')}"
+        "&code=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA&state=forged"
+    )
+    page.wait_for_selector("#login:not([hidden])")
+    assert page.text_content("#status") == "Logged out"
+    assert token_requests == []
+    context.close()
