@@ -170,14 +170,22 @@ class StaticSite:
 
 
 def launch(sync_api: Any) -> Iterator[Any]:
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield browser
-        finally:
-            browser.close()
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+            )
+            try:
+                yield browser
+            finally:
+                browser.close()
+    finally:
+        # Playwright's sync API runs on greenlets, as pytest-twisted's reactor does. A
+        # suspended Playwright greenlet collected later, inside a Twisted test, would switch
+        # back into it ("illegal switch in blockon"): collect them now, outside any test.
+        import gc
+
+        gc.collect()
 
 
 def shot(page: Any, name: str) -> None:

@@ -271,3 +271,9 @@ async def make_vibed(tmp_path: Path, couch_url: str) -> AsyncIterator[Any]:
     vibeds = VibedSet(tmp_path, couch_url)
     yield vibeds.start
     await vibeds.stop()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Browser tests (Playwright's sync API, on greenlets of its own) run after every test
+    that runs on pytest-twisted's reactor greenlet, so the two never interleave."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
