@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from harness import FakeClock, Vibed, VibedFactory
+from twisted.logger import formatEvent, globalLogPublisher
 
 from agent_bridge.protocol import challenge_message
 from vibed.couch import CouchServer
@@ -128,3 +129,240 @@ async def test_challenges_are_bounded_per_address(make_vibed: VibedFactory) -> N
     assert int(limited.header("retry-after") or 0) > 0
     other = {"X-Forwarded-For": "198.51.100.99"}
     assert (await v.request("GET", "/auth/challenge", headers=other)).code == 200
+
+
+# -- GET /me/key ---------------------------------------------------------------------------
+
+
+async def _did_login(vibed: Vibed, did: str, key: Ed25519PrivateKey) -> str:
+    """A first-party access token by DID challenge (as the agent gets every token)."""
+    ch = (await vibed.request("GET", "/auth/challenge")).json()
+    sig = key.sign(challenge_message(ch["aud"], ch["nonce"]))
+    resp = await vibed.request(
+        "POST",
+        "/auth/response",
+        {"did": did, "nonce": ch["nonce"], "signature": b64url_encode(sig)},
+    )
+    assert resp.code == 200, resp.content
+    token: str = resp.json()["accessToken"]
+    return token
+
+
+async def _agent(vibed: Vibed) -> tuple[dict[str, Any], str, Ed25519PrivateKey]:
+    """A new identity as the agent holds it: (identity, DID-login token, private key)."""
+    signup = await vibed.signup(email())
+    identity = signup.json()["identity"]
+    key = await _key_from_me_key(vibed, signup.json()["accessToken"])
+    return identity, await _did_login(vibed, identity["did"], key), key
+
+
+async def _key_from_me_key(vibed: Vibed, token: str) -> Ed25519PrivateKey:
+    """Fetch GET /me/key and unwrap it with the password, as docs/keys.md says."""
+    resp = await vibed.request("GET", "/me/key", token=token)
+    assert resp.code == 200, resp.content
+    body = resp.json()
+    seed = unwrap_seed(body["keyWrapped"], derive_wrap_key(PASSWORD, b64decode(body["salt"])))
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+@pytest_twisted.ensureDeferred
+async def test_me_key_is_the_documented_wrapped_key(vibed: Vibed) -> None:
+    """GET /me/key with a first-party token answers exactly {did, salt, keyWrapped, kdf} as
+    docs/keys.md documents; the password unwraps it to the key of the identity's did:key, which
+    then logs in by DID challenge. Never cached, never readable cross-origin (no CORS), never
+    in a log line."""
+    from cryptography.hazmat.primitives import serialization
+
+    from vibed.keys import did_key_from_public
+
+    signup = await vibed.signup(email())
+    identity, token = signup.json()["identity"], signup.json()["accessToken"]
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        resp = await vibed.request(
+            "GET", "/me/key", token=token, headers={"Origin": "https://evil.example"}
+        )
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert resp.code == 200, resp.content
+    body = resp.json()
+    assert set(body) == {"did", "salt", "keyWrapped", "kdf"}
+    assert body["kdf"] == {"name": "scrypt", "N": 32768, "r": 8, "p": 1, "dkLen": 32}
+    assert body["did"] == identity["did"]
+    assert len(b64decode(body["salt"])) == 16 and len(b64decode(body["keyWrapped"])) == 60
+    assert resp.header("cache-control") == "no-store"
+    assert resp.header("access-control-allow-origin") is None
+    logged = "\n".join(formatEvent(e) + repr(e) for e in events)
+    assert "Wrapped key fetched" in logged
+    assert body["keyWrapped"] not in logged and body["salt"] not in logged
+    key = await _key_from_me_key(vibed, token)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    assert did_key_from_public(public) == identity["did"]
+    assert await _did_login(vibed, identity["did"], key)
+    # A DID-login token is first-party too: it may fetch the key again.
+    assert (await vibed.request("GET", "/me/key", token=token)).json() == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_me_key_refuses_app_tokens_and_missing_tokens(vibed: Vibed) -> None:
+    """No token: 401 with a Bearer challenge. An app's token (even one with data:* and
+    blob:*): 403 insufficient-scope. Another identity's token gets that identity's key."""
+    identity, token, _ = await _agent(vibed)
+    assert_problem(await vibed.request("GET", "/me/key"), 401)
+    minted = await vibed.request(
+        "POST",
+        "/agent/grants",
+        {"origin": "https://app.example", "scopes": ["data:*", "blob:*"]},
+        token=token,
+    )
+    app_token = minted.json()["tokens"]["access_token"]
+    refused = assert_problem(await vibed.request("GET", "/me/key", token=app_token), 403)
+    assert refused["type"].endswith("/insufficient-scope")
+    other, other_token, _ = await _agent(vibed)
+    got = await vibed.request("GET", "/me/key", token=other_token)
+    assert got.json()["did"] == other["did"] != identity["did"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_me_key_is_rate_limited_per_identity(vibed: Vibed) -> None:
+    """Past the limit an identity's key requests are 429 with Retry-After; another identity
+    is unaffected."""
+    vibed.parts.api.agent.key_limit = 3
+    first = (await vibed.signup(email())).json()["accessToken"]
+    second = (await vibed.signup(email())).json()["accessToken"]
+    for _ in range(3):
+        assert (await vibed.request("GET", "/me/key", token=first)).code == 200
+    limited = await vibed.request("GET", "/me/key", token=first)
+    assert_problem(limited, 429)
+    assert int(limited.header("retry-after") or 0) > 0
+    assert (await vibed.request("GET", "/me/key", token=second)).code == 200
+
+
+# -- POST /agent/grants --------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_agent_grant_is_an_ordinary_grant(vibed: Vibed) -> None:
+    """Logged in by DID challenge, the agent makes a grant for a page's origin and gets its
+    app tokens: they reach only the granted collection, carry the origin and the grant but
+    never the identity scope; the grant is listed by GET /me/grants (via: agent) and reused
+    by the next request; its refresh token works at /auth/token for that origin only; revoked
+    from /me/grants, its access token is refused within 5 s, its refresh token and the
+    agent's token route answer that it is gone."""
+    from oauth_client import post_form
+    from test_apps_oauth import claims
+
+    identity, token, _ = await _agent(vibed)
+    origin = "http://localhost:5173"
+    ask = {"origin": origin, "scopes": ["data:write:notes"], "name": "Notes"}
+    made = await vibed.request("POST", "/agent/grants", ask, token=token)
+    assert made.code == 201, made.content
+    body = made.json()
+    grant, tokens = body["grant"], body["tokens"]
+    assert body["created"] is True
+    assert grant["via"] == "agent" and grant["origin"] == origin and grant["name"] == "Notes"
+    assert grant["scopes"] == ["data:read:notes", "data:write:notes"]
+    app_token = tokens["access_token"]
+    seen = claims(app_token)
+    assert seen["client_id"] == origin and seen["gid"] == grant["id"]
+    assert "identity" not in seen["scp"] and seen["sub"] == identity["id"]
+    wrote = await vibed.request("POST", "/data/notes", {"title": "hi"}, token=app_token)
+    assert wrote.code == 201, wrote.content
+    assert (await vibed.request("GET", "/data/notes", token=app_token)).code == 200
+    assert_problem(await vibed.request("GET", "/data/other", token=app_token), 403)
+    listed = (await vibed.request("GET", "/me/grants", token=token)).json()["grants"]
+    assert [g["id"] for g in listed] == [grant["id"]] and listed[0]["via"] == "agent"
+
+    again = await vibed.request("POST", "/agent/grants", {**ask, "name": "X"}, token=token)
+    assert again.code == 200 and again.json()["created"] is False
+    assert again.json()["grant"]["id"] == grant["id"]
+    narrower = {"origin": origin, "scopes": ["data:read:notes"]}
+    assert (await vibed.request("POST", "/agent/grants", narrower, token=token)).code == 200
+    assert len((await vibed.request("GET", "/me/grants", token=token)).json()["grants"]) == 1
+
+    refresh = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
+    elsewhere = await post_form(vibed, "/auth/token", {**refresh, "client_id": "https://x.example"})
+    assert elsewhere.code in (400, 401)
+    rotated = await post_form(vibed, "/auth/token", {**refresh, "client_id": origin})
+    assert rotated.code == 200, rotated.content
+    more = await vibed.request("POST", f"/agent/grants/{grant['id']}/tokens", token=token)
+    assert more.code == 200 and more.json()["grant"]["id"] == grant["id"]
+
+    revoked = await vibed.request("DELETE", f"/me/grants/{grant['id']}", token=token)
+    assert revoked.code == 204
+    deadline = time.monotonic() + 5
+    while (await vibed.request("GET", "/data/notes", token=app_token)).code != 401:
+        assert time.monotonic() < deadline, "the app's token still works 5 s after revoking"
+    after = await post_form(
+        vibed,
+        "/auth/token",
+        {**refresh, "refresh_token": rotated.json()["refresh_token"], "client_id": origin},
+    )
+    assert after.code == 400 and after.json()["error"] == "invalid_grant"
+    gone = await vibed.request("POST", f"/agent/grants/{grant['id']}/tokens", token=token)
+    assert assert_problem(gone, 404)["type"].endswith("/grant-revoked")
+    # Approving again makes a new grant (a revoked one is never brought back).
+    anew = await vibed.request("POST", "/agent/grants", ask, token=token)
+    assert anew.code == 201 and anew.json()["grant"]["id"] != grant["id"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_tokens_can_never_mint_grants(vibed: Vibed) -> None:
+    """An app's token, whatever it was granted (data:*, blob:*), is 403 on every agent route:
+    it cannot make grants, widen its own, get tokens for another grant, or read the key. A
+    grant of one identity is not found with another identity's token."""
+    _, token, _ = await _agent(vibed)
+    made = await vibed.request(
+        "POST",
+        "/agent/grants",
+        {"origin": "https://app.example", "scopes": ["data:*", "blob:*"]},
+        token=token,
+    )
+    gid = made.json()["grant"]["id"]
+    app_token = made.json()["tokens"]["access_token"]
+    for method, path, body in (
+        ("POST", "/agent/grants", {"origin": "https://app.example", "scopes": ["data:*"]}),
+        ("POST", "/agent/grants", {"origin": "https://evil.example", "scopes": ["data:*"]}),
+        ("POST", f"/agent/grants/{gid}/tokens", None),
+        ("GET", "/me/key", None),
+        ("GET", "/me/grants", None),
+    ):
+        refused = await vibed.request(method, path, body, token=app_token)
+        assert assert_problem(refused, 403)["type"].endswith("/insufficient-scope"), path
+    assert_problem(await vibed.request("POST", "/agent/grants", {}), 401)
+    _, stranger, _ = await _agent(vibed)
+    assert_problem(await vibed.request("POST", f"/agent/grants/{gid}/tokens", token=stranger), 404)
+
+
+BAD_GRANT_REQUESTS: list[dict[str, Any]] = [
+    {"scopes": ["data:*"]},
+    {"origin": "https://app.example/path", "scopes": ["data:*"]},
+    {"origin": "https://App.example", "scopes": ["data:*"]},
+    {"origin": "https://app.example:443", "scopes": ["data:*"]},
+    {"origin": "http://app.example", "scopes": ["data:*"]},
+    {"origin": "null", "scopes": ["data:*"]},
+    {"origin": "chrome-extension://abc", "scopes": ["data:*"]},
+    {"origin": "https://app.example", "scopes": []},
+    {"origin": "https://app.example", "scopes": "data:*"},
+    {"origin": "https://app.example", "scopes": ["identity"]},
+    {"origin": "https://app.example", "scopes": ["data:write:Bad"]},
+    {"origin": "https://app.example", "scopes": ["data:* blob:*"]},
+    {"origin": "https://app.example", "scopes": ["data:*"], "name": 5},
+    {"origin": "https://app.example", "scopes": ["data:*"], "name": "x" * 201},
+]
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_grant_requests_are_400(vibed: Vibed) -> None:
+    """An origin that is not exactly a browser origin (https, or http on loopback), no or
+    unknown scopes (the identity scope included) or a bad name: 400 saying what is wrong,
+    and no grant is made."""
+    _, token, _ = await _agent(vibed)
+    for body in BAD_GRANT_REQUESTS:
+        refused = await vibed.request("POST", "/agent/grants", body, token=token)
+        assert assert_problem(refused, 400).get("detail"), body
+    assert (await vibed.request("GET", "/me/grants", token=token)).json()["grants"] == []
+    assert_problem(await vibed.request("POST", "/agent/grants/zz/tokens", token=token), 404)

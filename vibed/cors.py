@@ -13,7 +13,8 @@ Everything else, in particular the cookie routes (``/auth/refresh``, ``/auth/log
 same-origin. Preflights (``OPTIONS`` with ``Access-Control-Request-Method``) on the allowed
 paths are answered here, before routing, with ``Authorization``, ``Content-Type`` and
 ``If-Match`` allowed and ``ETag``, ``Location``, ``Retry-After`` and ``WWW-Authenticate``
-exposed. The local blob store's signed URLs (``/blob/local/``) answer their own CORS.
+exposed. The local blob store's signed URLs (``/blob/local/``) answer their own CORS;
+``/me/key`` (the wrapped key) answers none.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from zope.interface import implementer
 
 PREFIXES = (b"/data/", b"/blob/", b"/me/", b"/sdk/", b"/.well-known/")
 EXACT = (b"/data", b"/blob", b"/me", b"/realtime", b"/auth/token", b"/auth/revoke")
-EXCLUDED = (b"/blob/local/",)  # signed URLs: their route sets its own CORS headers
+# Signed URLs: their route sets its own CORS headers. The wrapped key: only the agent (an
+# extension with host access) and vibed's own pages read it, never a page of another origin.
+EXCLUDED = (b"/blob/local/", b"/me/key")
 
 ALLOW_METHODS = b"GET, POST, PUT, DELETE"
 ALLOW_HEADERS = b"Authorization, Content-Type, If-Match, If-None-Match"

@@ -177,7 +177,7 @@ def build(
         revocations=revocations,
         public_url=config.public_url,
         apps=apps,
-        agent=AgentBridge(auth=auth, nonces=nonces),
+        agent=AgentBridge(auth=auth, nonces=nonces, grants=apps.grants, authority=apps.authority),
         worker=config.extra.get("worker"),
     )
     return Components(

@@ -36,9 +36,11 @@ _COOKIE = {
 def openapi_document(public_url: str) -> dict[str, Any]:
     """The whole document: this module's paths plus each surface's OPENAPI_PATHS."""
     doc = _core_document(public_url)
+    from agent_bridge import api as agent
+
     from . import apps, blob, data
 
-    for surface in (data, blob, apps):
+    for surface in (data, blob, apps, agent):
         doc["paths"].update(surface.OPENAPI_PATHS)
         doc["components"]["schemas"].update(surface.OPENAPI_SCHEMAS)
     return doc

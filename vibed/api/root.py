@@ -119,7 +119,7 @@ class VibeAPI:
     def static_file(self, request: IRequest, name: str) -> bytes:
         return self.apps.static.serve(request, name)
 
-    # -- the vibe agent: DID challenge (agent_bridge) ----------------------------------------
+    # -- the vibe agent (agent_bridge): DID challenge, wrapped key, grants --------------------
 
     @app.route("/auth/challenge", methods=["GET"])
     async def agent_challenge(self, request: IRequest) -> bytes:
@@ -128,6 +128,18 @@ class VibeAPI:
     @app.route("/auth/response", methods=["POST"])
     async def agent_response(self, request: IRequest) -> bytes:
         return await self.agent.response(request)
+
+    @app.route("/me/key", methods=["GET"])
+    async def agent_key(self, request: IRequest) -> bytes:
+        return await self.agent.key(request)
+
+    @app.route("/agent/grants", methods=["POST"])
+    async def agent_grant(self, request: IRequest) -> bytes:
+        return await self.agent.mint_grant(request)
+
+    @app.route("/agent/grants/<gid>/tokens", methods=["POST"])
+    async def agent_grant_tokens(self, request: IRequest, gid: str) -> bytes:
+        return await self.agent.grant_tokens(request, gid)
 
     @app.route("/auth/", branch=True)
     def auth_branch(self, request: IRequest) -> IResource:
