@@ -286,7 +286,15 @@ def test_sdk_uses_the_agent_when_present(
     page.wait_for_selector("#app:not([hidden])")
     assert page.url.startswith(notes_site.origin)  # no redirect to the server
     calls = page.evaluate("() => window.vibe.calls")
-    assert calls == [{"scopes": ["data:write:notes"], "appName": "Notes (example)"}]
+    # init() never makes the agent show its consent window (prompt "none"); login() would.
+    assert calls == [
+        {
+            "scopes": ["data:write:notes"],
+            "appName": "Notes (example)",
+            "server": server.url,
+            "prompt": "none",
+        }
+    ]
     assert me["did"] in (page.text_content("#who") or "")
     page.fill("#title", "Through the agent")
     page.click("#new-note button")

@@ -19,9 +19,25 @@ export interface SessionStore {
   remove(key: string): void;
 }
 
+/** What the SDK asks the agent for (docs/agent.md). */
+export interface VibeAgentConnectOptions {
+  scopes: string[];
+  appName?: string | null;
+  /** The server the app talks to: the agent uses an identity it holds on that server. */
+  server?: string;
+  /** "none": never open the agent's consent window (resolve with identity null instead). */
+  prompt?: "none";
+}
+
+/** Why the agent refused: "no-identity" (none on that server), "denied", "needs-user-action",
+ * "busy", "unreachable", "revoked", "key-mismatch", "bad-request". */
+export interface VibeAgentError extends Error {
+  readonly code: string;
+}
+
 /** The vibe agent extension's page API (window.vibe), when it is installed. */
 export interface VibeAgent {
-  connect(options: { scopes: string[]; appName?: string | null }): Promise<{ identity?: Identity | null } | void>;
+  connect(options: VibeAgentConnectOptions): Promise<{ identity?: Identity | null } | void>;
   readonly identity: Identity | null;
   getToken(): Promise<string | null>;
   disconnect(): Promise<void>;

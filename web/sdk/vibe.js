@@ -137,7 +137,11 @@ class VibeClient {
    */
   async init() {
     const agent = this.agentOption === false ? null : this.agentOption || globalThis.vibe;
-    if (isAgent(agent)) return this._initAgent(agent);
+    if (isAgent(agent)) {
+      const state = await this._useAgent(agent, { prompt: "none" });
+      if (state !== null) return state;
+      // The agent has no identity on this server: the redirect flow below.
+    }
     const params = globalThis.location ? new URLSearchParams(location.search) : null;
     if (params && (params.has("code") || params.has("error")) && params.has("state")) {
       const pending = this._pending();
@@ -205,21 +209,50 @@ class VibeClient {
     return this.state;
   }
 
-  async _initAgent(agent) {
-    this.agent = agent;
-    const result = await agent.connect({ scopes: this.scopes, appName: this.appName });
-    const identity = (result && result.identity) || agent.identity || null;
-    const onChange = () => {
-      if (!agent.identity) this._ended("agent-disconnected");
-      else this._setIdentity(agent.identity);
-    };
-    if (typeof agent.on === "function") {
-      agent.on("disconnect", () => this._ended("agent-disconnected"));
-      agent.on("identity", onChange);
-    } else if (typeof agent.addEventListener === "function") {
-      agent.addEventListener("disconnect", () => this._ended("agent-disconnected"));
-      agent.addEventListener("identity", onChange);
+  /**
+   * Connect through the agent (window.vibe). prompt "none" (init) never shows the agent's
+   * consent window: an origin the person has not approved yet stays logged out until
+   * login(). Resolves with the state, or null when the agent has no identity on this server
+   * (the SDK then uses the redirect flow). The agent names the requesting origin itself.
+   */
+  async _useAgent(agent, { prompt } = {}) {
+    let result;
+    try {
+      result = await agent.connect({
+        scopes: this.scopes,
+        appName: this.appName,
+        server: this.server,
+        ...(prompt ? { prompt } : {}),
+      });
+    } catch (error) {
+      if (error && error.code === "no-identity") {
+        this.agent = null;
+        return null;
+      }
+      const wrapped = new VibeError(error?.message || "The vibe agent refused.", {
+        type: error?.code || "agent-error",
+        cause: error,
+      });
+      this._setState("logged-out", { error: wrapped });
+      if (prompt === "none") return this.state;
+      throw wrapped;
     }
+    if (this.agent !== agent) {
+      this.agent = agent;
+      const ended = (info) => this._ended((info && info.reason) || "agent-disconnected");
+      const onIdentity = () => {
+        if (!agent.identity) ended();
+        else this._setIdentity(agent.identity);
+      };
+      if (typeof agent.on === "function") {
+        agent.on("disconnect", ended);
+        agent.on("identity", onIdentity);
+      } else if (typeof agent.addEventListener === "function") {
+        agent.addEventListener("disconnect", ended);
+        agent.addEventListener("identity", onIdentity);
+      }
+    }
+    const identity = (result && result.identity) || agent.identity || null;
     this._setIdentity(identity);
     this._setState(identity || (await agent.getToken()) ? "logged-in" : "logged-out");
     return this.state;
@@ -232,10 +265,8 @@ class VibeClient {
    * back to redirectUri. With prompt "none", come back at once, logged in or with an error.
    */
   async login(options = {}) {
-    if (this.agent) {
-      await this._initAgent(this.agent);
-      return;
-    }
+    const agent = this.agent || (this.agentOption === false ? null : this.agentOption || globalThis.vibe);
+    if (isAgent(agent) && (await this._useAgent(agent)) !== null) return;
     const verifier = randomToken(48);
     const state = randomToken(16);
     sessionStorage.setItem(

@@ -9,6 +9,7 @@ import {
   type Collection,
   type Doc,
   type Identity,
+  type VibeAgentError,
   type LiveSnapshot,
   type Page,
   type RealtimeStatus,
@@ -88,8 +89,11 @@ async function main(): Promise<void> {
 
 const agent: VibeAgent = {
   identity: null,
-  connect: async ({ scopes, appName }) => {
-    console.log(scopes, appName);
+  connect: async ({ scopes, appName, server, prompt }) => {
+    console.log(scopes, appName, server, prompt === "none");
+    const refusal = new Error("No identity on this server") as VibeAgentError;
+    if (!server) throw refusal;
+    console.log(refusal.code);
   },
   getToken: async () => null,
   disconnect: async () => {},
