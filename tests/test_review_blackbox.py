@@ -17,6 +17,10 @@ from harness import (
     realtime_identity,
     server_socket,
 )
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 
 PASSWORD = "correct horse battery"
 
@@ -183,3 +187,175 @@ async def test_json_errors_speak_our_words_not_pythons(vibed: Vibed) -> None:
         detail = resp.json()["detail"]
         for leak in ("set_int_max_str_digits", "utf-8-sig", "codec", "Exceeds the limit"):
             assert leak not in detail, detail
+
+
+# -- 3. connections that make no progress, and one address's share ------------------------
+
+
+class RawClient(Protocol):
+    """A TCP client that sends what it is told and records what comes back."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.lost: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if not self.lost.called:
+            self.lost.callback(None)
+
+
+async def raw_connect(vibed: Vibed) -> RawClient:
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    address = vibed.port.getHost()
+    client = RawClient()
+    await connectProtocol(TCP4ClientEndpoint(reactor, address.host, address.port), client)
+    return client
+
+
+async def trickle(client: RawClient, data: bytes, every: float, within: float) -> float:
+    """Send ``data`` a byte every ``every`` s until the server closes; the seconds it took."""
+    start = reactor.seconds()
+    for byte in data:
+        if client.lost.called:
+            break
+        assert client.transport is not None
+        client.transport.write(bytes([byte]))
+        await deferLater(reactor, every, lambda: None)
+        assert reactor.seconds() - start < within, "the server kept the connection"
+    await client.lost
+    return reactor.seconds() - start
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_head_trickled_byte_by_byte_is_cut_off(make_vibed: VibedFactory) -> None:
+    """A client sending a request line and headers a byte at a time (each byte resetting any
+    idle timer) gets 408 and is closed once the head has taken --http-header-timeout."""
+    vibed = await make_vibed(http_header_timeout="1")
+    client = await raw_connect(vibed)
+    took = await trickle(
+        client, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200, 0.1, 10
+    )
+    assert 0.9 <= took < 5
+    assert client.received.startswith(b"HTTP/1.1 408 ")
+    assert b"application/problem+json" in client.received
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_connection_is_closed_after_the_header_timeout(
+    make_vibed: VibedFactory,
+) -> None:
+    """A connection that opens and sends nothing is closed after --http-header-timeout."""
+    vibed = await make_vibed(http_header_timeout="1")
+    client = await raw_connect(vibed)
+    start = reactor.seconds()
+    await client.lost
+    assert reactor.seconds() - start < 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_trickled_slower_than_the_minimum_rate_is_cut_off(
+    make_vibed: VibedFactory,
+) -> None:
+    """A body arriving below --http-body-min-rate over a --http-body-timeout window gets 408;
+    one arriving fast enough is served."""
+    vibed = await make_vibed(http_body_timeout="1", http_body_min_rate="100")
+    person = await new_person(vibed)
+    head = (
+        b"PUT /data/notes/slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + person.token.encode() + b"\r\nContent-Length: 5000\r\n\r\n"
+    )
+    client = await raw_connect(vibed)
+    assert client.transport is not None
+    client.transport.write(head)
+    took = await trickle(client, b'{"t": "' + b"x" * 4990 + b'"}', 0.05, 10)
+    assert took < 5
+    assert client.received.startswith(b"HTTP/1.1 408 ")
+    fast = await person.call("PUT", "/data/notes/fast", {"t": "x" * 4990})
+    assert fast.code == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_keep_alive_connection_is_closed(make_vibed: VibedFactory) -> None:
+    """After a response, a keep-alive connection that sends nothing more is closed after
+    --http-idle-timeout."""
+    vibed = await make_vibed(http_idle_timeout="1", http_header_timeout="30")
+    client = await raw_connect(vibed)
+    assert client.transport is not None
+    client.transport.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    start = reactor.seconds()
+    await client.lost
+    assert b"200 OK" in client.received
+    assert reactor.seconds() - start < 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_address_holds_at_most_its_share_of_connections(
+    make_vibed: VibedFactory,
+) -> None:
+    """Past --max-connections-per-address open connections from one address, the next gets
+    503 and is closed; once one closes, a new one is served; realtime sockets count too."""
+    vibed = await make_vibed(max_connections_per_address="4", http_header_timeout="30")
+    me = await realtime_identity(vibed)
+    socket = await connect_realtime(vibed, me.token)
+    held = [await raw_connect(vibed) for _ in range(3)]
+    over = await raw_connect(vibed)
+    await over.lost
+    assert over.received.startswith(b"HTTP/1.1 503 ")
+    assert b"too-many-connections" in over.received
+    assert held[0].transport is not None
+    held[0].transport.loseConnection()
+    await held[0].lost
+    served = await raw_connect(vibed)
+    assert served.transport is not None
+    served.transport.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await served.lost
+    assert b"200 OK" in served.received
+    for client in held[1:]:
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await client.lost
+    socket.sendClose()
+    await socket.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_trusted_proxies_are_exempt_from_the_connection_cap(
+    make_vibed: VibedFactory,
+) -> None:
+    """A load balancer in --trusted-proxies carries many clients: its connections are not
+    capped (it must enforce the cap itself)."""
+    vibed = await make_vibed(
+        max_connections_per_address="2", trusted_proxies="127.0.0.1", http_header_timeout="30"
+    )
+    held = [await raw_connect(vibed) for _ in range(4)]
+    await deferLater(reactor, 0.2, lambda: None)
+    assert not any(c.lost.called for c in held)
+    for client in held:
+        assert client.transport is not None
+        client.transport.loseConnection()
+        await client.lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_sockets_waiting_to_authenticate_are_capped_per_address(
+    make_vibed: VibedFactory,
+) -> None:
+    """Past the per-address cap of sockets that have not sent a token, the next handshake
+    gets 503; sockets with a token still connect."""
+    vibed = await make_vibed(realtime={"max_unauthenticated_per_address": 3, "auth_timeout": 30})
+    waiting = [await connect_realtime(vibed) for _ in range(3)]
+    try:
+        await connect_realtime(vibed)
+    except ConnectionError as e:
+        assert "503" in str(e)
+    else:
+        raise AssertionError("a fourth waiting socket was accepted")
+    me = await realtime_identity(vibed)
+    authed = await connect_realtime(vibed, me.token)
+    for client in [*waiting, authed]:
+        client.sendClose()
+        await client.wait_closed()

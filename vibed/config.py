@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 from attrs import evolve, field, frozen
 from twisted.python import usage
 
+from vibed.web import ConnectionLimits
+
 DEFAULT_PORT = "tcp:3000"
 
 
@@ -113,6 +115,29 @@ OPTIONS: list[tuple[str, str | None, str]] = [
         "Processes serving the one listening socket (a tcp:, tcp6: or unix: --port); "
         "run in the foreground with more than one.",
     ),
+    (
+        "realtime-max-unauthenticated-per-address",
+        "20",
+        "Open sockets waiting for a token from one client address.",
+    ),
+    (
+        "http-header-timeout",
+        "20",
+        "Seconds a request's head (request line and headers) may take to arrive.",
+    ),
+    ("http-idle-timeout", "60", "Seconds a keep-alive connection may wait for its next request."),
+    (
+        "http-body-timeout",
+        "30",
+        "Window in seconds over which a request body must keep --http-body-min-rate.",
+    ),
+    ("http-body-min-rate", "512", "Bytes per second a request body must arrive at, at least."),
+    (
+        "max-connections-per-address",
+        "256",
+        "Open connections (realtime sockets included) one client address may hold; "
+        "--trusted-proxies are exempt.",
+    ),
 ]
 
 
@@ -165,6 +190,7 @@ class Config:
     signup_limit_per_address: int = 20
     signup_window: int = 3600
     challenge_limit_per_address: int = 30
+    connection_limits: ConnectionLimits = field(factory=ConnectionLimits)
     extra: Mapping[str, Any] = field(factory=dict)
     workers: int = 1
     access_log: str = "-"
@@ -283,6 +309,11 @@ class Config:
             "max_unauthenticated": _positive_int(
                 "realtime-max-unauthenticated", raw["realtime-max-unauthenticated"], 10**7
             ),
+            "max_unauthenticated_per_address": _positive_int(
+                "realtime-max-unauthenticated-per-address",
+                raw.get("realtime-max-unauthenticated-per-address") or "20",
+                10**7,
+            ),
         }
         workers = _positive_int("workers", raw.get("workers") or "1", 64)
         if workers > 1:
@@ -298,11 +329,28 @@ class Config:
             parent = Path(access_log).expanduser().parent
             if not parent.is_dir():
                 raise ConfigError(f"--access-log: {parent} is not a directory")
+        limits = ConnectionLimits(
+            header_timeout=_positive_float(
+                "http-header-timeout", raw.get("http-header-timeout") or "20"
+            ),
+            idle_timeout=_positive_float("http-idle-timeout", raw.get("http-idle-timeout") or "60"),
+            body_timeout=_positive_float("http-body-timeout", raw.get("http-body-timeout") or "30"),
+            body_min_rate=_non_negative_int(
+                "http-body-min-rate", raw.get("http-body-min-rate") or "512"
+            ),
+            max_per_address=_positive_int(
+                "max-connections-per-address",
+                raw.get("max-connections-per-address") or "256",
+                10**7,
+            ),
+            trusted=tuple(proxies),
+        )
         return cls(
             access_log=access_log,
             workers=workers,
             raw=dict(raw),
             extra={"realtime": realtime},
+            connection_limits=limits,
             signup_limit_per_address=_positive_int("signup-limit", raw["signup-limit"], 10**9),
             blobs=blobs,
             s3_endpoint=s3_endpoint or None,

@@ -98,6 +98,7 @@ from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from vibed import strictjson
+from vibed.api.http import resolve_client
 from vibed.config import Config
 from vibed.couch import CouchServer
 from vibed.couch.client import ChangesFeed, CouchDatabase
@@ -156,6 +157,7 @@ class RealtimeSettings:
 
     auth_timeout: float = 10.0  # seconds to authenticate after the socket opens
     max_unauthenticated: int = 1000  # open sockets still waiting for a token, in all
+    max_unauthenticated_per_address: int = 20  # ...and from one client address
     expiry_grace: float = float(LEEWAY)  # seconds past ``exp``, as the HTTP API allows
     queue_messages: int = 1000  # per-socket send queue, messages...
     queue_bytes: int = 4 * 1024 * 1024  # ...and bytes (one larger message fits an empty queue)
@@ -759,6 +761,7 @@ class RealtimeProtocol(WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.claims: AccessClaims | None = None
+        self.client_address = ""
         self.database: str | None = None
         self.subs: dict[str, Subscription] = {}
         self.close_code: int | None = None
@@ -797,14 +800,28 @@ class RealtimeProtocol(WebSocketServerProtocol):
     def onConnect(self, request: Any) -> None:  # noqa: N802 (Autobahn API)
         if not self.service.accepting:
             raise ConnectionDeny(503, "The server is shutting down.")
+        peer = str(request.peer).split(":")
+        host = ":".join(peer[1:-1]) if len(peer) > 2 else str(request.peer)
+        forwarded = request.headers.get("x-forwarded-for")
+        self.client_address = resolve_client(
+            host,
+            forwarded if isinstance(forwarded, str) else None,
+            self.service.config.trusted_proxies,
+        )
         tokens = request.params.get("access_token")
         if tokens:
             self._query_token = tokens[0]
-        elif sum(1 for s in self.service.sockets if s.claims is None) >= (
-            self.settings.max_unauthenticated
-        ):
-            # Each waits auth_timeout at most, but a flood of them must not pile up.
+            return None
+        # Each waits auth_timeout at most, but a flood of them must not pile up, in all or
+        # from one address.
+        waiting = [s for s in self.service.sockets if s.claims is None]
+        if len(waiting) >= self.settings.max_unauthenticated:
             raise ConnectionDeny(503, "Too many sockets waiting to authenticate; retry shortly.")
+        mine = sum(1 for s in waiting if s.client_address == self.client_address)
+        if mine >= self.settings.max_unauthenticated_per_address:
+            raise ConnectionDeny(
+                503, "Too many sockets from this address waiting to authenticate; retry shortly."
+            )
         return None
 
     @_guarded

@@ -17,7 +17,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from agent_bridge.api import AgentBridge
 from vibed.api.apps import AppsAPI, make_apps
@@ -38,7 +37,7 @@ from vibed.realtime import make_realtime
 from vibed.revocation import RevocationList
 from vibed.sessions import NonceStore, RefreshStore
 from vibed.tokens import LEEWAY, TokenIssuer, load_or_create_signing_key
-from vibed.web import BodyPolicy, VibeSite
+from vibed.web import AddressLimit, BodyPolicy, VibeSite
 
 _log = Logger(namespace="vibed.service")
 
@@ -46,7 +45,7 @@ _log = Logger(namespace="vibed.service")
 class ListenWhenReady(Service):
     """Listens on ``endpoint`` once ``ready()`` fires; stops listening on stop."""
 
-    def __init__(self, endpoint: Any, site: Site, ready: Any, reactor: Any) -> None:
+    def __init__(self, endpoint: Any, site: Any, ready: Any, reactor: Any) -> None:
         self.endpoint = endpoint
         self.site = site
         self.ready = ready
@@ -101,9 +100,17 @@ class Components:
     services: list[IService]  # started by makeService (or a test harness), stopped in reverse
     body_policies: dict[bytes, BodyPolicy]
 
-    def site(self) -> VibeSite:
+    def site(self) -> AddressLimit:
+        """The factory to listen with: the site, behind the per-address connection cap."""
         routes = DirectRoutes(self.api.data, self.api.resource())
-        return VibeSite(CORSResource(routes), self.body_policies, self.config.access_log)
+        return AddressLimit(
+            VibeSite(
+                CORSResource(routes),
+                self.body_policies,
+                self.config.access_log,
+                self.config.connection_limits,
+            )
+        )
 
 
 def build(

@@ -5,6 +5,13 @@ memory when it is chunked, before a route sees it).
 Routes that take large bodies (the local blob store's signed PUT) register a :class:`BodyPolicy`
 for their path prefix: its own limit and, optionally, a factory for the file the body streams
 into (so it can land in the blob directory and be renamed into place).
+
+No client may hold a connection without making progress (:class:`VibeChannel`): a request's
+head must be complete ``header_timeout`` seconds after it starts (or after the connection
+opens), a body must keep arriving at ``body_min_rate`` bytes/s over every ``body_timeout``
+window, and a keep-alive connection idle for ``idle_timeout`` is closed. And no single address
+may hold more than ``max_per_address`` connections at once (:class:`AddressLimit`; trusted
+proxies, which carry many clients, are exempt and must enforce it themselves).
 """
 
 from __future__ import annotations
@@ -13,9 +20,14 @@ import json
 from collections.abc import Callable
 from typing import IO, Any, cast
 
-from attrs import define
+from attrs import define, frozen
+from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
@@ -103,17 +115,154 @@ class VibeRequest(Request):
                 pass
 
 
+@frozen
+class ConnectionLimits:
+    """How long a client may take, and how many connections one address may hold."""
+
+    header_timeout: float = 20.0  # seconds for a request's head, from its first byte
+    idle_timeout: float = 60.0  # seconds a keep-alive connection may wait for a request
+    body_timeout: float = 30.0  # window over which a body must reach body_min_rate
+    body_min_rate: int = 512  # bytes per second, averaged over each window
+    max_per_address: int = 256  # open connections (realtime sockets included) per address
+    trusted: tuple[Any, ...] = ()  # networks exempt from max_per_address (proxies)
+
+
+def _simple_response(transport: Any, status: bytes, detail: str, slug: str) -> None:
+    """Write a whole problem+json response on ``transport`` and close it."""
+    code = int(status.split(b" ", 1)[0])
+    body = json.dumps(
+        {
+            "type": PROBLEM_BASE + slug,
+            "title": status.split(b" ", 1)[1].decode("ascii"),
+            "status": code,
+            "detail": detail,
+        }
+    ).encode()
+    transport.write(
+        b"HTTP/1.1 " + status + b"\r\n"
+        b"Content-Type: application/problem+json\r\n"
+        b"Cache-Control: no-store\r\n"
+        b"Connection: close\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    transport.loseConnection()
+
+
+class VibeChannel(HTTPChannel):
+    """An HTTPChannel that closes connections which do not make progress (module docstring)."""
+
+    _vibe_phase = "head"  # head | body | handling | idle
+    _vibe_timer: IDelayedCall | None = None
+    _vibe_body_bytes = 0
+    _vibe_window_start = 0
+
+    @property
+    def _limits(self) -> ConnectionLimits:
+        site = getattr(self, "site", None)
+        return getattr(site, "limits", None) or ConnectionLimits()
+
+    def _arm(self, delay: float, then: Any) -> None:
+        self._disarm()
+        self._vibe_timer = self.callLater(delay, then)
+
+    def _disarm(self) -> None:
+        if self._vibe_timer is not None and self._vibe_timer.active():
+            self._vibe_timer.cancel()
+        self._vibe_timer = None
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+        super().connectionMade()
+        self._vibe_phase = "head"
+        self._arm(self._limits.header_timeout, self._head_too_slow)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._vibe_phase == "idle" and data:
+            # The first byte of the next request: its head has header_timeout from now.
+            self._vibe_phase = "head"
+            self._arm(self._limits.header_timeout, self._head_too_slow)
+        elif self._vibe_phase == "body":
+            self._vibe_body_bytes += len(data)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:  # noqa: N802
+        self._disarm()
+        self._vibe_phase = "body"
+        self._vibe_body_bytes = 0
+        super().allHeadersReceived()
+        if self._vibe_phase == "body" and self.length != 0:
+            self._arm(self._limits.body_timeout, self._check_body)
+
+    def allContentReceived(self) -> None:  # noqa: N802
+        self._disarm()
+        self._vibe_phase = "handling"
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:  # noqa: N802
+        self._vibe_phase = "idle"
+        super().requestDone(request)
+        # Replayed pipelined bytes may have started the next head without dataReceived.
+        if self._vibe_phase == "idle" and cast(Any, self)._buffer:
+            self._vibe_phase = "head"
+            self._arm(self._limits.header_timeout, self._head_too_slow)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _head_too_slow(self) -> None:
+        self._vibe_timer = None
+        if self._vibe_phase != "head" or self.transport is None:
+            return
+        _log.info("Closing a connection whose request head did not arrive in time")
+        _simple_response(
+            self.transport,
+            b"408 Request Timeout",
+            f"The request head must arrive within {self._limits.header_timeout:g} seconds.",
+            "request-timeout",
+        )
+
+    def _check_body(self) -> None:
+        self._vibe_timer = None
+        if self._vibe_phase != "body" or self.transport is None:
+            return
+        limits = self._limits
+        if self._vibe_body_bytes < limits.body_min_rate * limits.body_timeout:
+            _log.info("Closing a connection whose request body arrived too slowly")
+            request = self.requests[-1] if self.requests else None
+            if request is not None and getattr(request, "content", None) is not None:
+                try:
+                    request.content.close()
+                except Exception:  # noqa: S110 - best effort on an abandoned upload
+                    pass
+            _simple_response(
+                self.transport,
+                b"408 Request Timeout",
+                f"The request body must arrive at {limits.body_min_rate} bytes per second "
+                "at least.",
+                "request-timeout",
+            )
+            return
+        self._vibe_body_bytes = 0
+        self._arm(limits.body_timeout, self._check_body)
+
+
 class VibeSite(Site):
-    """Site + body policies; the access log never shows a query string (tokens may ride in
-    one, e.g. the realtime socket's)."""
+    """Site + body policies + connection limits; the access log never shows a query string
+    (tokens may ride in one, e.g. the realtime socket's)."""
+
+    # A plain HTTP/1.1 channel (no HTTP/2 negotiation wrapper): vibed speaks HTTP/1.1.
+    protocol = VibeChannel  # type: ignore[assignment]
 
     def __init__(
         self,
         resource: IResource,
         body_policies: dict[bytes, BodyPolicy] | None = None,
         access_log: str = "-",
+        limits: ConnectionLimits | None = None,
     ) -> None:
-        super().__init__(resource, requestFactory=VibeRequest)
+        self.limits = limits or ConnectionLimits()
+        # twisted's own idle timeout: what a keep-alive connection may wait for a request.
+        super().__init__(resource, requestFactory=VibeRequest, timeout=self.limits.idle_timeout)
         self.body_policies: dict[bytes, BodyPolicy] = dict(body_policies or {})
         self.displayTracebacks = False
         #: ``-``: one line per request in the daemon's log; ``off``; or a file path, appended
@@ -157,3 +306,82 @@ class VibeSite(Site):
             super().log(request)
         finally:
             request.uri = uri
+
+
+class _Counted(ProtocolWrapper):
+    """A connection counted against its address until it closes (realtime sockets too: the
+    WebSocket protocol replaces the HTTP channel inside this wrapper, which stays)."""
+
+    factory: AddressLimit
+    address: str = ""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self.factory.release(self.address)
+        super().connectionLost(reason)
+
+
+class _Refuse(Protocol):
+    """Answers 503 to a connection over its address's limit, and closes it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def connectionMade(self) -> None:  # noqa: N802
+        _simple_response(
+            self.transport,
+            b"503 Service Unavailable",
+            f"Too many connections from this address (at most {self.limit}); close some.",
+            "too-many-connections",
+        )
+
+
+class AddressLimit(WrappingFactory):
+    """Caps the connections one peer address holds open at once (module docstring)."""
+
+    protocol = _Counted
+
+    def __init__(self, site: VibeSite) -> None:
+        super().__init__(site)
+        self.site = site
+        self.open: dict[str, int] = {}
+        self.refused = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:  # noqa: N802
+        host = str(getattr(addr, "host", "") or "")
+        limits = self.site.limits
+        exempt = not host or _in_networks(host, limits.trusted)
+        if not exempt and self.open.get(host, 0) >= limits.max_per_address:
+            self.refused += 1
+            if self.refused % 1000 == 1:
+                _log.warn(
+                    "Refusing connections from {host}: over {limit} open",
+                    host=host,
+                    limit=limits.max_per_address,
+                )
+            return _Refuse(limits.max_per_address)
+        wrapper = cast(_Counted, super().buildProtocol(addr))
+        if not exempt:
+            self.open[host] = self.open.get(host, 0) + 1
+            wrapper.address = host
+        return wrapper
+
+    def release(self, host: str) -> None:
+        if not host:
+            return
+        left = self.open.get(host, 0) - 1
+        if left > 0:
+            self.open[host] = left
+        else:
+            self.open.pop(host, None)
+
+
+def _in_networks(host: str, networks: tuple[Any, ...]) -> bool:
+    import ipaddress
+
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)

@@ -128,20 +128,23 @@ def client_address(request: IRequest, trusted: Sequence[Network]) -> str:
     """The peer's address; ``X-Forwarded-For`` is believed only when the peer is a trusted proxy,
     and then the right-most address that is not itself a trusted proxy is the client."""
     peer = getattr(request.getClientAddress(), "host", None) or "unknown"
-    if not trusted or not _in(peer, trusted):
-        return str(peer)
     header = request.getHeader(b"x-forwarded-for")
-    if not header:
-        return str(peer)
-    hops = [h.strip() for h in header.decode("latin-1").split(",") if h.strip()]
+    return resolve_client(str(peer), header.decode("latin-1") if header else None, trusted)
+
+
+def resolve_client(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
+    """:func:`client_address` from the peer's address and the ``X-Forwarded-For`` value."""
+    if not trusted or not _in(peer, trusted) or not forwarded_for:
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
     for hop in reversed(hops):
         try:
             ipaddress.ip_address(hop)
         except ValueError:
-            return str(peer)  # garbage in the header: do not trust any of it
+            return peer  # garbage in the header: do not trust any of it
         if not _in(hop, trusted):
             return hop
-    return str(peer)
+    return peer
 
 
 def _in(address: str, networks: Sequence[Network]) -> bool:
