@@ -15,7 +15,8 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import RequestRedirect
 
 _log = Logger(namespace="vibed.errors")
 
@@ -153,6 +154,24 @@ def answer_failure(request: IRequest, failure: Failure) -> bytes | None:
     return answer_unexpected(request, failure)
 
 
+def _allowed_methods(request: IRequest) -> set[str]:
+    """The methods the request's path takes, as the Klein app's URL map knows them."""
+    from klein.interfaces import IKleinRequest
+
+    mapper = getattr(IKleinRequest(request), "mapper", None)
+    allowed: set[str] = set()
+    if mapper is None:
+        return allowed
+    # werkzeug's own allowed_methods() gives up on a path that would redirect: ask per method.
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        try:
+            mapper.match(method=method)
+        except HTTPException:
+            continue
+        allowed.add(method)
+    return allowed
+
+
 def install_error_handlers(app: Klein) -> None:
     """Map Problems, routing errors and anything unexpected to problem+json on ``app``."""
 
@@ -162,14 +181,35 @@ def install_error_handlers(app: Klein) -> None:
         return write_problem(request, failure.value)
 
     def _routing(*args: Any) -> bytes:
+        # werkzeug's own texts ("If you entered the URL manually...") never reach a client,
+        # nor its redirects: they are built from the request's Host header, which the client
+        # chooses (a path like /data//notes would answer 308 to http://evil.example/...).
         request, failure = args[-2], args[-1]
         exc = failure.value
         code = exc.code or 400
-        slug = {404: "not-found", 405: "method-not-allowed"}.get(code, "bad-request")
-        problem = Problem(exc.description, status=code, slug=slug, title=exc.name)
-        if code == 405 and getattr(exc, "valid_methods", None):
-            problem.headers["Allow"] = ", ".join(exc.valid_methods)
-            problem.detail = "Allowed methods: " + ", ".join(exc.valid_methods)
+        if isinstance(exc, RequestRedirect):
+            # werkzeug redirects to add a slash (a branch mount) before it checks the method:
+            # a method the path itself does not take is a 405, anything else a 404.
+            takes = _allowed_methods(request)
+            method = (request.method or b"").decode("ascii", "replace")
+            if takes and method not in takes:
+                exc = MethodNotAllowed(valid_methods=sorted(takes))
+                code = 405
+        if isinstance(exc, RequestRedirect) or code == 404:
+            problem: Problem = NotFound(
+                "Nothing is served at this path; the API is described at /openapi.json."
+            )
+        elif code == 405 and getattr(exc, "valid_methods", None):
+            allowed = ", ".join(exc.valid_methods)
+            problem = Problem(
+                f"Allowed methods: {allowed}.",
+                status=405,
+                slug="method-not-allowed",
+                title="Method not allowed",
+                headers={"Allow": allowed},
+            )
+        else:
+            problem = Problem(status=code if 400 <= code < 500 else 400)
         return write_problem(request, problem)
 
     def _unexpected(*args: Any) -> bytes | None:

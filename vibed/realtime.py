@@ -103,6 +103,7 @@ from vibed.config import Config
 from vibed.couch import CouchServer
 from vibed.couch.client import ChangesFeed, CouchDatabase
 from vibed.couch.errors import CouchBadRequest, CouchError, CouchNotFound, CouchUnavailable
+from vibed.errors import Problem, write_problem
 from vibed.layout import from_storage, split_storage_id, valid_collection
 from vibed.naming import identity_db
 from vibed.revocation import RevocationsUnavailable
@@ -1243,6 +1244,20 @@ class RealtimeResource(WebSocketResource):
     """``GET /realtime``: hands the connection over to a :class:`RealtimeProtocol`."""
 
     def render(self, request: Any) -> Any:
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade != b"websocket":
+            # Autobahn would answer with an HTML page naming itself and its version.
+            request.setHeader(b"Upgrade", b"websocket")
+            return write_problem(
+                request,
+                Problem(
+                    "This is a WebSocket endpoint: connect with a WebSocket client "
+                    "(see docs/realtime.md).",
+                    status=426,
+                    slug="upgrade-required",
+                    title="Upgrade required",
+                ),
+            )
         channel = request.channel
         transport = getattr(channel, "transport", None)
         if transport is not None:

@@ -27,11 +27,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, datetimeToString, unquote
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
-from vibed.errors import PROBLEM_BASE
+from vibed.errors import PROBLEM_BASE, PROBLEM_JSON
 
 _log = Logger(namespace="vibed.web")
 
@@ -47,8 +47,57 @@ class BodyPolicy:
     content: Callable[[Request, int | None], IO[bytes]] | None = None
 
 
+#: On every response unless a route sets its own: nothing served here may be framed
+#: (clickjacking), sniffed into another type, or leak the URL it came from; and a response
+#: that is not a page may load nothing (pages set their own Content-Security-Policy).
+BASE_HEADERS = (
+    (b"X-Content-Type-Options", b"nosniff"),
+    (b"X-Frame-Options", b"DENY"),
+    (b"Referrer-Policy", b"no-referrer"),
+    (b"Content-Security-Policy", b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'"),
+)
+
+
 class VibeRequest(Request):
-    """A Request that refuses bodies over its route's limit as soon as it can tell."""
+    """A Request that refuses bodies over its route's limit as soon as it can tell, sends the
+    base security headers, names no server version, and answers a URL that is not UTF-8 with
+    a problem of ours (Klein's is a text/html line and a logged traceback)."""
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:  # noqa: N802
+        if (name.encode("ascii") if isinstance(name, str) else name).lower() == b"server":
+            value = b"vibed"  # twisted.web would name itself and its version
+        super().setHeader(name, value)
+
+    def process(self) -> None:
+        for name, value in BASE_HEADERS:
+            self.setHeader(name, value)
+        if not self._url_is_utf8():
+            self.site = cast(Any, self.channel).site
+            self.setHeader(b"Date", datetimeToString())
+            body = json.dumps(
+                {
+                    "type": PROBLEM_BASE + "bad-request",
+                    "title": "Bad request",
+                    "status": 400,
+                    "detail": "The URL (path or Host) is not valid UTF-8 once percent-decoded.",
+                }
+            ).encode()
+            self.setResponseCode(400)
+            self.setHeader(b"Content-Type", PROBLEM_JSON)
+            self.setHeader(b"Cache-Control", b"no-store")
+            self.setHeader(b"Content-Length", str(len(body)).encode())
+            self.write(body)
+            self.finish()
+            return
+        super().process()
+
+    def _url_is_utf8(self) -> bool:
+        try:
+            unquote(self.path).decode("utf-8")
+            (self.getHeader(b"host") or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
 
     _vibe_limit: int = DEFAULT_BODY_LIMIT
     _vibe_received: int = 0

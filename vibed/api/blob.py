@@ -13,8 +13,9 @@ from attrs import define
 from klein import Klein
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from werkzeug.routing import BaseConverter
 
-from vibed.blobs import KEY_RE
+from vibed.blobs import _UUID4, KEY_RE
 from vibed.blobs.local import CORS_HEADERS, LocalStore
 from vibed.blobs.service import LIST_DEFAULT, LIST_MAX, META_MAX_BYTES, BlobService, check_blob_id
 from vibed.errors import BadRequest, Forbidden, NotFound, install_error_handlers
@@ -27,6 +28,14 @@ from .openapi import _json, _problem, _ref  # the shared OpenAPI helpers
 SCOPE = "blob:*"
 
 
+class BlobIdSegment(BaseConverter):
+    """A blob id in a path: any segment but the routes' own words, so that, e.g.,
+    ``DELETE /blob/upload-url`` is a 405 of that route (with an honest ``Allow``) rather than
+    a malformed blob id (ids are checked, with a clear message, by the handlers)."""
+
+    regex = r"(?!upload-url$|finalize-upload$|download-url$|local$)[^/]+"
+
+
 @define(slots=False)
 class BlobAPI:
     issuer: TokenIssuer
@@ -34,6 +43,7 @@ class BlobAPI:
     local: LocalStore | None = None
 
     app = Klein()
+    app.url_map.converters["blobid"] = BlobIdSegment
     install_error_handlers(app)
 
     def _idn(self, request: IRequest) -> str:
@@ -106,7 +116,7 @@ class BlobAPI:
             after = check_blob_id(raw_after[0].decode("ascii", "replace"))
         return json_response(request, await self.blobs.list_page(idn, limit, after))
 
-    @app.route("/<id>", methods=["DELETE"])
+    @app.route("/<blobid:id>", methods=["DELETE"])
     async def delete_blob(self, request: IRequest, id: str) -> bytes:
         idn = self._idn(request)
         await self.blobs.delete(idn, id)
@@ -160,8 +170,13 @@ _AUTH = {
 _UNAVAILABLE = {"503": _problem("CouchDB or the blob store is not reachable")}
 _ID = {"name": "id", "in": "path", "required": True, "schema": _ref("BlobId")}
 _OBJECT = [
-    {"name": "owner", "in": "path", "required": True, "schema": {"type": "string"}},
-    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+    {"name": "owner", "in": "path", "required": True, "schema": _ref("BlobId")},
+    {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": f"^{_UUID4}\\.[a-z0-9]{{1,8}}$"},
+    },
     {"name": "exp", "in": "query", "required": True, "schema": {"type": "integer"}},
     {"name": "type", "in": "query", "required": True, "schema": {"type": "string"}},
     {"name": "sig", "in": "query", "required": True, "schema": {"type": "string"}},
@@ -269,6 +284,7 @@ OPENAPI_PATHS: dict[str, Any] = {
                 "200": {"description": "Stored"},
                 "400": _problem("Content-Length or body length differ from the signed size"),
                 "403": _problem("Signature tampered with, for another object, or expired"),
+                "404": _problem("Not an object URL of this server (or blobs are in S3)"),
                 "409": _problem("Something was already uploaded with this URL"),
                 "413": _problem("Body longer than the signed size"),
                 "415": _problem("Content-Type differs from the signed type"),
@@ -289,7 +305,7 @@ OPENAPI_PATHS: dict[str, Any] = {
 }
 
 OPENAPI_SCHEMAS: dict[str, Any] = {
-    "BlobId": {"type": "string", "format": "uuid"},
+    "BlobId": {"type": "string", "format": "uuid", "pattern": f"^{_UUID4}$"},
     "UploadRequest": {
         "type": "object",
         "required": ["mime", "size"],

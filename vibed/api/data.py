@@ -16,14 +16,18 @@ from attrs import define
 from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from werkzeug.routing import BaseConverter
 
+from vibed import layout
 from vibed.config import Config
 from vibed.couch import CouchBadRequest, CouchConflict, CouchNotFound, CouchServer
 from vibed.couch.errors import CouchUnauthorized
 from vibed.data import (
     MAX_DOC_BYTES,
+    MAX_FIELD_CHARS,
     MAX_INDEX_FIELDS,
     MAX_LIMIT,
+    MAX_NESTING,
     Action,
     BookmarkCodec,
     DataService,
@@ -119,12 +123,21 @@ async def _couch(call: Awaitable[T]) -> T:
         raise ServiceUnavailable("The database refused this server's credentials.") from None
 
 
+class DocIdSegment(BaseConverter):
+    """A document id in a path: any segment but ``_index``, so that ``PUT /data/c/_index``
+    is a 405 of the index route rather than a bad document id (ids are checked, with a
+    clear message, by the handlers)."""
+
+    regex = r"(?!_index$)[^/]+"
+
+
 @define(slots=False)
 class DataAPI:
     issuer: TokenIssuer
     service: DataService
 
     app = Klein()
+    app.url_map.converters["docid"] = DocIdSegment
     install_error_handlers(app)
 
     def _authorize(self, request: IRequest, collection: str, action: Action) -> tuple[str, str]:
@@ -206,7 +219,7 @@ class DataAPI:
 
     # -- a document ----------------------------------------------------------------------
 
-    @app.route("/<collection>/<id>", methods=["GET"])
+    @app.route("/<collection>/<docid:id>", methods=["GET"])
     async def get_document(self, request: IRequest, collection: str, id: str) -> bytes:
         idn, name = self._authorize(request, collection, "read")
         doc_id = check_doc_id(id)
@@ -215,7 +228,7 @@ class DataAPI:
         _etag(request, doc["_rev"])
         return json_response(request, doc)
 
-    @app.route("/<collection>/<id>", methods=["PUT"])
+    @app.route("/<collection>/<docid:id>", methods=["PUT"])
     async def put_document(self, request: IRequest, collection: str, id: str) -> bytes:
         idn, name = self._authorize(request, collection, "write")
         doc_id = check_doc_id(id)
@@ -227,7 +240,7 @@ class DataAPI:
         _etag(request, result["rev"])
         return json_response(request, result, 200 if rev is not None else 201)
 
-    @app.route("/<collection>/<id>", methods=["DELETE"])
+    @app.route("/<collection>/<docid:id>", methods=["DELETE"])
     async def delete_document(self, request: IRequest, collection: str, id: str) -> bytes:
         idn, name = self._authorize(request, collection, "write")
         doc_id = check_doc_id(id)
@@ -268,11 +281,16 @@ _COLLECTION = {
     "schema": _ref("CollectionName"),
 }
 _ID = {"name": "id", "in": "path", "required": True, "schema": _ref("DocumentId")}
+_REV_PATTERN = "^[0-9]{1,10}-[0-9A-Za-z]{1,128}$"
+# One part of a dotted field path: no control character; "\\x" escapes one character.
+_PART = r"(?:[^.\\\x00-\x1f]|\\[^\x00-\x1f]?)+"
+# A field an index may name: parts joined by dots, the first not starting with _ or $.
+_FIELD_PATTERN = rf"^(?![_$]|\\\$){_PART}(?:\.{_PART})*$"
 _IF_MATCH = {
     "name": "If-Match",
     "in": "header",
     "description": "The current revision as an ETag (instead of _rev / ?rev=)",
-    "schema": {"type": "string"},
+    "schema": {"type": "string", "pattern": '^"?[0-9]{1,10}-[0-9A-Za-z]{1,128}"?$'},
 }
 _ETAG = {"ETag": {"description": "The revision, quoted", "schema": {"type": "string"}}}
 _WRITE_BAD = {
@@ -292,11 +310,12 @@ OPENAPI_PATHS: dict[str, Any] = {
             "summary": "List or query a collection, a page at a time",
             "parameters": [
                 _COLLECTION,
-                _query(
-                    "q",
-                    "A Mango selector (JSON object); _id means the app's id",
-                    {"type": "string"},
-                ),
+                {
+                    "name": "q",
+                    "in": "query",
+                    "description": "A Mango selector (JSON object); _id means the app's id",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
                 _query(
                     "sort",
                     'Mango sort (JSON array, e.g. [{"title":"desc"}]); needs an index',
@@ -326,7 +345,7 @@ OPENAPI_PATHS: dict[str, Any] = {
         "post": {
             "summary": "Create a document (the server picks its id)",
             "parameters": [_COLLECTION],
-            "requestBody": _body(_ref("Document")),
+            "requestBody": _body(_ref("NewDocument")),
             "responses": {
                 "201": {
                     **_json(_ref("WriteResult"), "Created"),
@@ -379,7 +398,7 @@ OPENAPI_PATHS: dict[str, Any] = {
         "put": {
             "summary": "Create a document with this id (no rev) or update it (current rev)",
             "parameters": [_COLLECTION, _ID, _IF_MATCH],
-            "requestBody": _body(_ref("Document")),
+            "requestBody": _body(_ref("DocumentBody")),
             "responses": {
                 "200": {**_json(_ref("WriteResult"), "Updated"), "headers": _ETAG},
                 "201": {**_json(_ref("WriteResult"), "Created"), "headers": _ETAG},
@@ -395,12 +414,12 @@ OPENAPI_PATHS: dict[str, Any] = {
             "parameters": [
                 _COLLECTION,
                 _ID,
-                _query("rev", "The current revision", {"type": "string"}),
+                _query("rev", "The current revision", _ref("Rev")),
                 _IF_MATCH,
             ],
             "responses": {
                 "200": _json(_ref("DeleteResult"), "Deleted"),
-                "400": _problem("Bad collection, id or rev, or no rev"),
+                "400": _problem("Bad collection, id or rev, or no rev (or two different revs)"),
                 **_AUTH,
                 "404": _problem("No such document"),
                 "409": _problem("The rev is not the current one"),
@@ -413,11 +432,34 @@ OPENAPI_PATHS: dict[str, Any] = {
 OPENAPI_SCHEMAS: dict[str, Any] = {
     "CollectionName": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,63}$"},
     "DocumentId": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._~-]{0,199}$"},
+    "Rev": {"type": "string", "pattern": _REV_PATTERN},
     "Document": {
         "type": "object",
-        "description": "Any JSON object of at most 1 MiB; top-level names starting with '_' "
-        "other than _id/_rev and 'vibe:collection' are reserved",
-        "properties": {"_id": _ref("DocumentId"), "_rev": {"type": "string"}},
+        "description": "A stored document: the app's fields, its _id and its _rev",
+        "properties": {"_id": _ref("DocumentId"), "_rev": _ref("Rev")},
+    },
+    "NewDocument": {
+        "type": "object",
+        "description": "Any JSON object of at most 1 MiB, nested at most "
+        f"{MAX_NESTING} levels; top-level names starting with '_' and 'vibe:collection' "
+        "are reserved (the server picks the _id)",
+        "propertyNames": {"not": {"anyOf": [{"pattern": "^_"}, {"const": layout.TAG}]}},
+        "maxProperties": 1000,
+    },
+    "DocumentBody": {
+        "type": "object",
+        "description": "Any JSON object of at most 1 MiB, nested at most "
+        f"{MAX_NESTING} levels; _rev (the current revision) to update; an _id, if sent, "
+        "must equal the URL's; other top-level names starting with '_' and "
+        "'vibe:collection' are reserved",
+        "properties": {"_rev": _ref("Rev")},
+        "propertyNames": {
+            "anyOf": [
+                {"const": "_rev"},
+                {"not": {"anyOf": [{"pattern": "^_"}, {"const": layout.TAG}]}},
+            ]
+        },
+        "maxProperties": 1000,
     },
     "WriteResult": {
         "type": "object",
@@ -441,12 +483,21 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
     "IndexRequest": {
         "type": "object",
         "required": ["fields"],
+        "additionalProperties": False,
         "properties": {
             "fields": {
                 "type": "array",
-                "items": {"type": "string"},
+                "items": {
+                    "type": "string",
+                    "description": "A field: a dotted path (\\. is a literal dot); not "
+                    "_id, _rev, another name starting with '_' or '$', nor 'vibe:collection'",
+                    "maxLength": MAX_FIELD_CHARS,
+                    "pattern": _FIELD_PATTERN,
+                    "not": {"pattern": "^vibe:collection(\\.|$)"},
+                },
                 "minItems": 1,
                 "maxItems": MAX_INDEX_FIELDS,
+                "uniqueItems": True,
             }
         },
     },

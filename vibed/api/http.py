@@ -53,12 +53,12 @@ def read_json_object(request: IRequest, limit: int = AUTH_BODY_LIMIT) -> dict[st
     """The request body as a JSON object, or a 4xx Problem saying what is wrong."""
     ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
     raw = read_body(request, limit)
+    if not raw.strip():
+        raise BadRequest("A JSON object body is required.", slug="invalid-json")
     # A JSON content type is required: it cannot be sent cross-site without a CORS
     # preflight, so a foreign page cannot post forms or no-cors requests here.
     if ctype != b"application/json" and not ctype.endswith(b"+json"):
         raise UnsupportedMediaType("Send the body as application/json.")
-    if not raw.strip():
-        raise BadRequest("A JSON object body is required.", slug="invalid-json")
     body = parse_json(raw)
     if not isinstance(body, dict):
         raise BadRequest("The body must be a JSON object.", slug="invalid-json")

@@ -33,16 +33,35 @@ _COOKIE = {
 }
 
 
-def openapi_document(public_url: str) -> dict[str, Any]:
-    """The whole document: this module's paths plus each surface's OPENAPI_PATHS."""
+def openapi_document(
+    public_url: str,
+    *,
+    blob_mime_types: tuple[str, ...] = (),
+    blob_max_size: int | None = None,
+) -> dict[str, Any]:
+    """The whole document: this module's paths plus each surface's OPENAPI_PATHS, with this
+    server's blob limits (allowed types, largest size) where the schemas need them."""
+    import copy
+
     doc = _core_document(public_url)
     from agent_bridge import api as agent
 
     from . import apps, blob, data
 
     for surface in (data, blob, apps, agent):
-        doc["paths"].update(surface.OPENAPI_PATHS)
-        doc["components"]["schemas"].update(surface.OPENAPI_SCHEMAS)
+        doc["paths"].update(copy.deepcopy(surface.OPENAPI_PATHS))
+        doc["components"]["schemas"].update(copy.deepcopy(surface.OPENAPI_SCHEMAS))
+    upload = doc["components"]["schemas"]["UploadRequest"]["properties"]
+    if blob_mime_types:
+        exact = [m for m in blob_mime_types if not m.endswith("/*")]
+        wildcards = [m[:-2] for m in blob_mime_types if m.endswith("/*")]
+        choices: list[dict[str, Any]] = [{"enum": exact}] if exact else []
+        choices += [
+            {"pattern": f"^{prefix}/[a-z0-9][a-z0-9!#$&^_.+-]{{0,126}}$"} for prefix in wildcards
+        ]
+        upload["mime"] = {"type": "string", "anyOf": choices, "examples": ["image/png"]}
+    if blob_max_size is not None:
+        upload["size"]["maximum"] = blob_max_size
     return doc
 
 
@@ -112,6 +131,7 @@ def _core_document(public_url: str) -> dict[str, Any]:
                     "responses": {
                         "201": {**logged_in, "description": "Created and logged in"},
                         "409": _problem("Email already taken"),
+                        "429": _problem("Too many signups from this address; see Retry-After"),
                         "503": _problem("Database unavailable"),
                         **_BAD,
                     },
@@ -126,6 +146,7 @@ def _core_document(public_url: str) -> dict[str, Any]:
                         "200": logged_in,
                         "401": _problem("Unknown email or wrong password (same answer)"),
                         "429": _problem("Too many failures; see Retry-After"),
+                        "503": _problem("Database unavailable"),
                         **_BAD,
                     },
                 }
@@ -149,6 +170,7 @@ def _core_document(public_url: str) -> dict[str, Any]:
                             "content": {"application/json": {"schema": _ref("Tokens")}},
                         },
                         "401": _problem("Session ended; log in again"),
+                        "503": _problem("Database unavailable"),
                     },
                 }
             },
@@ -156,14 +178,21 @@ def _core_document(public_url: str) -> dict[str, Any]:
                 "post": {
                     "summary": "Revoke the refresh token family and clear the cookie",
                     "security": [],
-                    "responses": {"204": {"description": "Logged out"}},
+                    "responses": {
+                        "204": {"description": "Logged out"},
+                        "503": _problem("Database unavailable: the session is not ended yet"),
+                    },
                 }
             },
             "/auth/challenge": {
                 "get": {
                     "summary": "A single-use nonce for the agent's DID login",
                     "security": [],
-                    "responses": {"200": _json(_ref("Challenge"), "Nonce, audience, expiry")},
+                    "responses": {
+                        "200": _json(_ref("Challenge"), "Nonce, audience, expiry"),
+                        "429": _problem("Too many challenges from this address"),
+                        "503": _problem("Database unavailable"),
+                    },
                 }
             },
             "/auth/response": {
@@ -180,6 +209,7 @@ def _core_document(public_url: str) -> dict[str, Any]:
                         "200": logged_in,
                         "401": _problem("Nonce unknown, used, expired or bad signature"),
                         "429": _problem("Too many failures"),
+                        "503": _problem("Database unavailable"),
                         **_BAD,
                     },
                 }
@@ -187,15 +217,28 @@ def _core_document(public_url: str) -> dict[str, Any]:
             "/realtime": {
                 "get": {
                     "summary": "WebSocket upgrade: the realtime change feed (see docs/realtime.md)",
-                    "responses": {"101": {"description": "Switching protocols"}},
+                    "description": "The access token comes after the upgrade (an auth "
+                    "message) or as ?access_token=; a plain GET is answered 426.",
+                    "security": [],
+                    "responses": {
+                        "101": {"description": "Switching protocols"},
+                        "426": _problem("Not a WebSocket handshake"),
+                        "503": _problem("Shutting down, or too many sockets waiting for a token"),
+                    },
                 }
             },
             "/me": {
                 "get": {
                     "summary": "The caller's identity (redacted)",
                     "responses": {
-                        "200": _json(_ref("Identity"), "Identity"),
-                        "401": _problem("Missing or invalid access token"),
+                        "200": _json(
+                            _ref("Identity"),
+                            "Identity (an app's token sees id, did and publicKey only)",
+                        ),
+                        "401": _problem("Missing, invalid, expired or revoked access token"),
+                        "403": _problem("The token carries no scope"),
+                        "404": _problem("The identity no longer exists"),
+                        "503": _problem("Tokens or the database cannot be checked right now"),
                     },
                 }
             },
@@ -261,9 +304,17 @@ def _core_document(public_url: str) -> dict[str, Any]:
                     "type": "object",
                     "required": ["did", "nonce", "signature"],
                     "properties": {
-                        "did": {"type": "string"},
-                        "nonce": {"type": "string"},
-                        "signature": {"type": "string", "description": "base64url"},
+                        "did": {
+                            "type": "string",
+                            "pattern": "^did:key:z[1-9A-HJ-NP-Za-km-z]{46,48}$",
+                            "maxLength": 200,
+                        },
+                        "nonce": {"type": "string", "pattern": "^[A-Za-z0-9_-]{43}$"},
+                        "signature": {
+                            "type": "string",
+                            "description": "base64url of the 64-byte Ed25519 signature",
+                            "pattern": "^[A-Za-z0-9_-]{86}={0,2}$",
+                        },
                     },
                 },
                 "JWKS": {"type": "object", "properties": {"keys": {"type": "array"}}},

@@ -9,6 +9,7 @@ from attrs import define
 from klein import Klein
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from werkzeug.routing import PathConverter
 
 from agent_bridge.api import AgentBridge
 from vibed.bootstrap import BootstrapService
@@ -24,6 +25,13 @@ from .blob import BlobAPI
 from .data import DataAPI
 from .http import authenticate, json_response
 from .openapi import openapi_document
+
+
+class AnyPath(PathConverter):
+    """werkzeug's ``path`` converter, for every character (control characters included)."""
+
+    regex = r"[^/][\s\S]*?"
+
 
 # Each mounted surface: prefix -> attribute of VibeAPI holding it (the OpenAPI test reads this).
 MOUNTS = {"/auth": "auth", "/data": "data", "/blob": "blob"}
@@ -55,6 +63,10 @@ class VibeAPI:
     worker: int | None = None
 
     app = Klein()
+    # Branch mounts match the rest of the path with werkzeug's "path" converter, whose regex
+    # stops at a newline: /data/a%0Ab would be a 404 here instead of reaching the data API,
+    # which explains what is wrong with the collection name.
+    app.url_map.converters["path"] = AnyPath
     install_error_handlers(app)
 
     def resource(self) -> IResource:
@@ -191,7 +203,14 @@ class VibeAPI:
 
     @app.route("/openapi.json", methods=["GET"])
     def openapi(self, request: IRequest) -> bytes:
-        return json_response(request, openapi_document(self.public_url))
+        return json_response(
+            request,
+            openapi_document(
+                self.public_url,
+                blob_mime_types=self.blob.blobs.mime_types,
+                blob_max_size=self.blob.blobs.max_size,
+            ),
+        )
 
     @app.route("/me", methods=["GET"])
     async def me(self, request: IRequest) -> bytes:

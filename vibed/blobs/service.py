@@ -85,6 +85,13 @@ def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _whole(value: object) -> int | None:
+    """A JSON integer as JSON Schema counts them: 5, or 5.0 (a number without a fraction)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return _int(value)
+
+
 @define(eq=False)
 class BlobService:
     couch: CouchServer
@@ -181,7 +188,7 @@ class BlobService:
                 slug="mime-not-allowed",
                 extra={"allowed": list(self.mime_types)},
             )
-        number = _int(size)
+        number = _whole(size)
         if number is None or number < 0:
             raise BadRequest("'size' is required: the exact number of bytes, 0 or more.")
         if number > self.max_size:
