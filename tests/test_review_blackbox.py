@@ -13,6 +13,7 @@ from harness import (
     Vibed,
     VibedFactory,
     connect_realtime,
+    fetch,
     new_person,
     realtime_identity,
     server_socket,
@@ -359,3 +360,77 @@ async def test_sockets_waiting_to_authenticate_are_capped_per_address(
     for client in [*waiting, authed]:
         client.sendClose()
         await client.wait_closed()
+
+
+# -- 5, 6, 7. redirects, leaks, headers, contract drift -----------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_double_slash_is_a_404_that_never_echoes_the_host(vibed: Vibed) -> None:
+    """``GET /data//notes`` with a forged Host is a 404 problem: no redirect, no Location, and
+    nothing of the client's Host in the answer."""
+    person = await new_person(vibed)
+    for path in ("/data//notes", "//data/notes", "/auth"):
+        resp = await person.call("GET", path, headers={"Host": "evil.example:3950"})
+        assert resp.code == 404, (path, resp.code, resp.content)
+        assert resp.header("location") is None
+        assert b"evil" not in resp.content
+        assert resp.header("content-type") == "application/problem+json"
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_speak_our_words_and_name_no_server_version(vibed: Vibed) -> None:
+    """A 404 carries no werkzeug advice; a path that is not UTF-8 once decoded (``%C0%AE``) is
+    a 400 problem+json (not Klein's text line); no response names Twisted or its version."""
+    nowhere = await vibed.request("GET", "/nowhere")
+    assert nowhere.code == 404
+    assert b"manually" not in nowhere.content and b"spelling" not in nowhere.content
+    bad = await vibed.request("GET", "/data/%C0%AE")
+    assert bad.code == 400 and bad.header("content-type") == "application/problem+json"
+    assert b"Non-UTF-8" not in bad.content
+    for resp in (nowhere, bad, await vibed.request("GET", "/healthz")):
+        assert resp.header("server") == "vibed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_response_carries_the_security_headers(vibed: Vibed) -> None:
+    """The HTML landing page and API answers alike: nosniff, no framing (X-Frame-Options and
+    CSP frame-ancestors), no referrer."""
+    for path in ("/", "/healthz", "/nowhere", "/openapi.json"):
+        resp = await vibed.request("GET", path)
+        assert resp.header("x-content-type-options") == "nosniff", path
+        assert resp.header("x-frame-options") == "DENY", path
+        assert "frame-ancestors 'none'" in (resp.header("content-security-policy") or ""), path
+        assert resp.header("referrer-policy") == "no-referrer", path
+
+
+@pytest_twisted.ensureDeferred
+async def test_contract_drift_found_by_schemathesis_is_fixed(vibed: Vibed) -> None:
+    """Collection names with control characters are 400 invalid-collection (not 404); a
+    bodiless JSON POST is 400 (not 415); a plain GET /realtime is our 426 problem; a token
+    with no scope cannot read /me; methods a path does not take are 405 with an honest Allow."""
+    person = await new_person(vibed)
+    for name in ("a%0Ab", "a%01b", "a%0D%0Ab", "a%09"):
+        resp = await person.call("GET", f"/data/{name}")
+        assert resp.code == 400 and resp.json()["type"].endswith("/invalid-collection"), name
+    for path in ("/blob/finalize-upload", "/data/a/_index"):
+        resp = await fetch(
+            "POST", vibed.url + path, headers={"Authorization": f"Bearer {person.token}"}
+        )
+        assert resp.code == 400, (path, resp.content)
+    plain = await vibed.request("GET", "/realtime")
+    assert plain.code == 426 and plain.header("content-type") == "application/problem+json"
+    assert b"utobahn" not in plain.content
+    empty, _ = vibed.parts.issuer.issue_access(person.idn, [])
+    assert (await vibed.request("GET", "/me", token=empty)).code == 403
+    app_token, _ = vibed.parts.issuer.issue_access(person.idn, ["data:read:notes"])
+    seen = (await vibed.request("GET", "/me", token=app_token)).json()
+    assert "email" not in seen and seen["id"] == person.idn
+    for method, path, allow in (
+        ("PUT", "/data/a/_index", {"GET", "POST"}),
+        ("DELETE", "/blob/upload-url", {"POST"}),
+        ("TRACE", "/blob", {"GET"}),
+    ):
+        resp = await person.call(method, path)
+        assert resp.code == 405, (method, path, resp.code)
+        assert set((resp.header("allow") or "").replace(" ", "").split(",")) - {"HEAD"} == allow

@@ -6,6 +6,7 @@ the few documented exceptions are in ``tests/schemathesis.toml``, each with its 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -65,4 +66,6 @@ async def test_the_api_honours_its_openapi_document(
     )
     text = (out + err).decode("utf-8", "replace")
     assert code == 0, text[-12000:]
-    assert " 0 failures" in text or "No issues found" in text or "passed" in text, text[-4000:]
+    # It did test the API (not, say, fail to load the schema and exit quietly).
+    tested = re.search(r"Tested: (\d+)", text)
+    assert tested and int(tested.group(1)) >= 25, text[-4000:]

@@ -73,6 +73,7 @@ class VibeRequest(Request):
             self.setHeader(name, value)
         if not self._url_is_utf8():
             self.site = cast(Any, self.channel).site
+            self.setHeader(b"Server", b"vibed")
             self.setHeader(b"Date", datetimeToString())
             body = json.dumps(
                 {
