@@ -22,6 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 
 PASSWORD = "correct horse battery"
 
@@ -385,7 +386,18 @@ async def test_errors_speak_our_words_and_name_no_server_version(vibed: Vibed) -
     nowhere = await vibed.request("GET", "/nowhere")
     assert nowhere.code == 404
     assert b"manually" not in nowhere.content and b"spelling" not in nowhere.content
-    bad = await vibed.request("GET", "/data/%C0%AE")
+    failures: list[Any] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        bad = await vibed.request("GET", "/data/%C0%AE")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert not failures, "a traceback was logged for a non-UTF-8 path"
     assert bad.code == 400 and bad.header("content-type") == "application/problem+json"
     assert b"Non-UTF-8" not in bad.content
     for resp in (nowhere, bad, await vibed.request("GET", "/healthz")):

@@ -596,7 +596,13 @@ OPENAPI_PATHS: dict[str, Any] = {
             "summary": "The consent form (same-origin, CSRF-protected)",
             "security": [],
             "requestBody": _form({"decision": {"enum": ["allow", "deny"]}, "csrf": _STR}, []),
-            "responses": {"303": _SEE_OTHER, "403": {"description": "HTML page"}},
+            "responses": {
+                "303": _SEE_OTHER,
+                "400": _HTML,
+                "403": {"description": "HTML page"},
+                "429": _HTML,
+                "503": _HTML,
+            },
         },
     },
     "/auth/token": {
@@ -624,6 +630,8 @@ OPENAPI_PATHS: dict[str, Any] = {
                 },
                 "400": _oauth_error("invalid_request, invalid_grant, invalid_scope, ..."),
                 "401": _oauth_error("invalid_client"),
+                "429": _oauth_error("slow_down: too many requests"),
+                "503": _oauth_error("temporarily_unavailable"),
             },
         }
     },
@@ -635,7 +643,12 @@ OPENAPI_PATHS: dict[str, Any] = {
                 {"token": _STR, "token_type_hint": _STR, "client_id": _STR},
                 ["token", "client_id"],
             ),
-            "responses": {"200": {"description": "Revoked (or unknown)"}, "400": _oauth_error("")},
+            "responses": {
+                "200": {"description": "Revoked (or unknown)"},
+                "400": _oauth_error("invalid_request"),
+                "401": _oauth_error("invalid_client"),
+                "503": _oauth_error("temporarily_unavailable"),
+            },
         }
     },
     "/.well-known/oauth-authorization-server": {
@@ -651,7 +664,14 @@ OPENAPI_PATHS: dict[str, Any] = {
             "summary": "Log-in form",
             "security": [],
             "requestBody": _PAGE_FORM,
-            "responses": {"303": _SEE_OTHER, "401": _HTML, "403": _HTML, "429": _HTML},
+            "responses": {
+                "303": _SEE_OTHER,
+                "400": _HTML,
+                "401": _HTML,
+                "403": _HTML,
+                "429": _HTML,
+                "503": _HTML,
+            },
         },
     },
     "/signup": {
@@ -660,7 +680,14 @@ OPENAPI_PATHS: dict[str, Any] = {
             "summary": "Create-your-account form",
             "security": [],
             "requestBody": _PAGE_FORM,
-            "responses": {"303": _SEE_OTHER, "400": _HTML, "403": _HTML, "409": _HTML},
+            "responses": {
+                "303": _SEE_OTHER,
+                "400": _HTML,
+                "403": _HTML,
+                "409": _HTML,
+                "429": _HTML,
+                "503": _HTML,
+            },
         },
     },
     "/me/grants": {
@@ -683,7 +710,9 @@ OPENAPI_PATHS: dict[str, Any] = {
                         }
                     },
                 },
+                "401": {"description": "Missing, invalid or revoked token"},
                 "403": {"description": "Not a first-party token"},
+                "503": {"description": "CouchDB or the revocation list unavailable"},
             },
         }
     },
@@ -691,7 +720,14 @@ OPENAPI_PATHS: dict[str, Any] = {
         "delete": {
             "summary": "Revoke a grant: its tokens stop on every replica within seconds",
             "parameters": [{"name": "gid", "in": "path", "required": True, "schema": _STR}],
-            "responses": {"204": {"description": "Revoked"}, "404": {"description": "No such"}},
+            "responses": {
+                "204": {"description": "Revoked"},
+                "400": {"description": "Malformed grant id"},
+                "401": {"description": "Missing, invalid or revoked token"},
+                "403": {"description": "Not a first-party token"},
+                "404": {"description": "No such grant"},
+                "503": {"description": "CouchDB or the revocation list unavailable"},
+            },
         }
     },
     "/sdk/{name}": {

@@ -7,8 +7,10 @@ from typing import Any
 
 from attrs import define
 from klein import Klein
+from klein.interfaces import IKleinRequest
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.routing import PathConverter
 
 from agent_bridge.api import AgentBridge
@@ -155,6 +157,11 @@ class VibeAPI:
 
     @app.route("/auth/", branch=True)
     def auth_branch(self, request: IRequest) -> IResource:
+        # The branch takes every method, so a PUT /auth/token would land in the auth app,
+        # which does not know /token (a route of this app): that is a 405, not a 404.
+        takes = _root_methods(request, "auth_branch")
+        if takes:
+            raise MethodNotAllowed(valid_methods=sorted(takes))
         return self.auth.app.resource()
 
     @app.route("/data/", branch=True)
@@ -230,6 +237,22 @@ class VibeAPI:
         if FIRST_PARTY_SCOPE not in claims.scp:
             public = {k: public[k] for k in ("id", "did", "publicKey") if k in public}
         return json_response(request, public)
+
+
+def _root_methods(request: IRequest, branch: str) -> set[str]:
+    """The methods this app's own routes (not ``branch``) take at the request's path."""
+    mapper = getattr(IKleinRequest(request), "mapper", None)
+    takes: set[str] = set()
+    if mapper is None:
+        return takes
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        try:
+            endpoint, _ = mapper.match(method=method)
+        except HTTPException:
+            continue
+        if str(endpoint) not in (branch, branch + "_branch"):
+            takes.add(method)
+    return takes
 
 
 def routes(api: VibeAPI) -> set[tuple[str, str]]:
