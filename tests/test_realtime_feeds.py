@@ -188,7 +188,13 @@ async def test_reconnects_during_steady_writes_lose_and_repeat_nothing(
     # A bound on a hang, not a speed test: a loaded 2-core CI box is slow.
     deadline = reactor.seconds() + 120
     while not writing.called or len(received) < total:
-        assert reactor.seconds() < deadline, (len(received), len(written), received[-3:])
+        assert reactor.seconds() < deadline, (
+            len(received),
+            len(written),
+            received[-3:],
+            sorted(set(written) - set(received)),  # lost
+            [d for d in set(received) if received.count(d) > 1],  # repeated
+        )
         client = await connect_realtime(vibed, me.token)
         await subscribe(client, "notes", since=last)
         want = min(rng.randint(3, 15), total - len(received))
