@@ -496,6 +496,8 @@ class Signer:
         """The payload of a valid, unexpired token for ``purpose``; None otherwise."""
         if not isinstance(token, str) or len(token) > 1024 or token.count(".") != 2:
             return None
+        if not token.isascii():  # ours are; compare_digest refuses non-ASCII text (TypeError)
+            return None
         payload, expiry, mac = token.split(".")
         if not hmac.compare_digest(self._mac(purpose, f"{payload}.{expiry}"), mac):
             return None
