@@ -99,6 +99,8 @@ async def test_one_subscribers_failure_does_not_cost_another_its_event(vibed: Vi
     def fail(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("the wire broke")
 
+    # Take the per-message path (as with compression) and make it fail for this socket only.
+    victim._perMessageCompress = object()
     victim.sendMessage = fail
     for n in range(2):
         resp = await vibed.request("PUT", f"/data/notes/n{n}", {"n": n}, token=me.token)
