@@ -349,6 +349,11 @@ def add_engine_arguments(parser: Any) -> None:
         "credentials",
     )
     parser.add_argument(
+        "--vibed-src",
+        help="run the vibed found in this source tree (e.g. a worktree of an older commit, "
+        "for before/after figures) instead of the installed one",
+    )
+    parser.add_argument(
         "--vibed-args",
         default="",
         help="more twistd vibed options, e.g. '--access-log off' or '--workers 2'",
@@ -471,3 +476,8 @@ end
         p99=got["p99_us"] / 1e6,
         errors=got["status"] + got["socket"],
     )
+
+
+def vibed_env(args: Any) -> dict[str, str] | None:
+    """The daemon's extra environment for ``--vibed-src``."""
+    return {"PYTHONPATH": str(Path(args.vibed_src).resolve())} if args.vibed_src else None

@@ -48,6 +48,7 @@ from bench.common import (  # noqa: E402
     add_engine_arguments,
     cpu_seconds,
     pin,
+    vibed_env,
     wrk,
 )
 from vibed import layout  # noqa: E402
@@ -113,7 +114,7 @@ def main(args: argparse.Namespace) -> None:
     extra = ["--couchdb", engine.url, *shlex.split(args.vibed_args)]
     if args.workers:
         extra += ["--workers", str(args.workers)]
-    daemon = Daemon(*extra).start()
+    daemon = Daemon(*extra, env=vibed_env(args)).start()
     try:
         run(daemon, engine, args)
     finally:

@@ -35,7 +35,15 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Daemon, Engine, add_engine_arguments, cpu_seconds, percentile, pin  # noqa: E402
+from bench.common import (  # noqa: E402
+    Daemon,
+    Engine,
+    add_engine_arguments,
+    cpu_seconds,
+    percentile,
+    pin,
+    vibed_env,
+)
 
 PASSWORD = "bench password 123"
 COLLECTION = "notes"
@@ -102,7 +110,10 @@ def worker_main() -> None:
         def __init__(self, number: int, token: str, ready: Deferred[None]) -> None:
             super().__init__(f"ws://{host}:{port}/realtime")
             self.number, self.token, self.ready = number, token, ready
-            self.setProtocolOptions(openHandshakeTimeout=60, autoPingInterval=0)
+            # The clients must not be the bottleneck: no UTF-8 check of what vibed sends.
+            self.setProtocolOptions(
+                openHandshakeTimeout=60, autoPingInterval=0, utf8validateIncoming=False
+            )
 
         def buildProtocol(self, addr: Any) -> Client:  # noqa: N802
             proto = Client()
@@ -186,7 +197,7 @@ def run_case(args: argparse.Namespace, engine: Engine, sockets: int) -> dict[str
     extra = ["--couchdb", engine.url, *shlex.split(args.vibed_args)]
     if args.workers:
         extra += ["--workers", str(args.workers)]
-    daemon = Daemon(*extra).start()
+    daemon = Daemon(*extra, env=vibed_env(args)).start()
     assert daemon.proc is not None
     if args.cpus == "pinned":
         pin(daemon.pid, "0")

@@ -346,3 +346,32 @@ async def test_stopping_the_service_closes_sockets_with_1001_and_feeds(
     assert await client.wait_closed() == 1001
     await stopping
     assert not service.sockets and not service.hub.feeds and not feed.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_batched_sends_keep_order_and_leave_before_a_close(make_vibed: VibedFactory) -> None:
+    """With a batch window, changes written in a burst reach every socket once and in order
+    (several per send), a lone change still arrives within the window, and messages batched
+    when the server closes the socket leave before the close frame."""
+    vibed = await make_vibed(realtime={"batch_ms": 200})  # wide: the test sees a batch wait
+    service = realtime_service(vibed)
+    me = await realtime_identity(vibed)
+    clients = [await connect_realtime(vibed, me.token) for _ in range(3)]
+    for client in clients:
+        await subscribe(client, "notes")
+    db = vibed.couch.database(me.db)
+    await db.bulk_docs([to_storage("notes", f"b{i:02d}", {"i": i}) for i in range(20)])
+    for client in clients:
+        got = await client.changes(20)
+        assert [c["id"] for c in got] == [f"b{i:02d}" for i in range(20)]
+    await put_doc(vibed.couch, me.db, "notes", "lone", {})
+    for client in clients:
+        assert (await client.changes(1))[0]["id"] == "lone"
+    await put_doc(vibed.couch, me.db, "notes", "last", {})
+    sock = server_socket(vibed, clients[1])
+    await poll(lambda: bool(sock._outbox))  # batched, not sent yet
+    sock.going_away()
+    assert (await clients[1].changes(1))[0]["id"] == "last"
+    assert await clients[1].wait_closed() == 1001
+    assert service.closed_too_slow == 0
+    await close(clients[0], clients[2])
