@@ -1,7 +1,11 @@
 """Apps benchmark: the authorization dance and the token endpoint, through a real
-`twistd vibed` (embedded CouchDB), in one run.
+`twistd vibed`, in one run.
 
-    .venv/bin/python bench/apps.py [--scale 1.0]
+    .venv/bin/python bench/apps.py [--scale 1.0] [--couchdb pouchdb|shared|URL]
+                                   [--cpus shared|pinned]
+
+The engine is chosen as in bench/data.py; the CPU vibed and CouchDB spent over the run is
+printed at the end.
 
 1. Time from ``GET /auth/authorize`` to the first data read, sequentially:
    - first visit: authorize -> log-in page -> log in -> consent page -> allow -> token -> read
@@ -33,7 +37,16 @@ from twisted.web.http_headers import Headers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Daemon, fmt_ms, percentile, run_load  # noqa: E402
+from bench.common import (  # noqa: E402
+    Daemon,
+    Engine,
+    add_engine_arguments,
+    cpu_seconds,
+    fmt_ms,
+    percentile,
+    pin,
+    run_load,
+)
 from vibed.keys import b64url_encode  # noqa: E402
 
 PASSWORD = "bench password 123"
@@ -160,11 +173,22 @@ async def returning(s: Session) -> tuple[float, dict[str, Any]]:
 
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:
-    daemon = Daemon().start()
+    engine = Engine(args.couchdb).start()
+    daemon = Daemon("--couchdb", engine.url).start()
+    if args.cpus == "pinned":
+        pin(daemon.pid, "0")
+        pin(engine.pid, "1")
+    print(f"{engine.name} behind vibed, cpus {args.cpus}")
+    v0, c0 = cpu_seconds(daemon.pid), cpu_seconds(engine.pid)
     try:
         await bench(reactor, daemon.url, args)
+        print(
+            f"CPU over the run: vibed {cpu_seconds(daemon.pid) - v0:.2f} s, "
+            f"CouchDB {cpu_seconds(engine.pid) - c0:.2f} s"
+        )
     finally:
         daemon.stop()
+        engine.stop()
 
 
 async def bench(reactor: Any, base: str, args: argparse.Namespace) -> None:
@@ -248,5 +272,8 @@ async def bench(reactor: Any, base: str, args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply request counts")
+    add_engine_arguments(parser)
     ns = parser.parse_args()
+    if ns.cpus == "both":
+        parser.error("--cpus both: run shared and pinned one after the other")
     task.react(lambda reactor: ensureDeferred(main(reactor, ns)))
