@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Daemon, Engine, add_engine_arguments, pin  # noqa: E402
+from bench.common import Daemon, Engine, add_engine_arguments, cpu_seconds, pin  # noqa: E402
 
 MIB = 1024 * 1024
 CHUNK = MIB
@@ -289,7 +289,12 @@ def main() -> None:
     try:
         work = Path(daemon.tmp.name) / "bench"
         work.mkdir()
+        v0, c0 = cpu_seconds(daemon.pid), cpu_seconds(engine.pid)
         run(daemon, work, [(MIB, ns.small_count), (big, ns.big_count)])
+        print(
+            f"CPU over the run: vibed {cpu_seconds(daemon.pid) - v0:.2f} s, "
+            f"CouchDB {cpu_seconds(engine.pid) - c0:.2f} s"
+        )
     finally:
         daemon.stop()
         engine.stop()
