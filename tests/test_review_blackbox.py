@@ -102,6 +102,7 @@ async def test_one_subscribers_failure_does_not_cost_another_its_event(vibed: Vi
     # Take the per-message path (as with compression) and make it fail for this socket only.
     victim._perMessageCompress = object()
     victim.sendMessage = fail
+    victim.write_frames = fail  # where framed changes go to the wire (vibed.realtime)
     for n in range(2):
         resp = await vibed.request("PUT", f"/data/notes/n{n}", {"n": n}, token=me.token)
         assert resp.code == 201

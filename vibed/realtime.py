@@ -1101,8 +1101,8 @@ class RealtimeProtocol(WebSocketServerProtocol):
                     self._outbox_bytes += len(frame)
                     if self._outbox_bytes >= OUTBOX_FLUSH_BYTES:
                         self.flush_outbox()
-                elif self.send_queue or not _send_now(self.transport, frame):
-                    self.sendData(frame)
+                else:
+                    self.write_frames(frame)
             else:
                 self.sendMessage(payload, False)
         except Exception:
@@ -1171,6 +1171,11 @@ class RealtimeProtocol(WebSocketServerProtocol):
     def _internal_error(self) -> None:
         self._close(CLOSE_INTERNAL, "Internal error.")
 
+    def write_frames(self, data: bytes) -> None:
+        """Put framed messages on the wire (straight to the socket when nothing is queued)."""
+        if self.send_queue or not _send_now(self.transport, data):
+            self.sendData(data)
+
     def flush_outbox(self) -> None:
         """Send the batched messages in one go."""
         if not self._outbox:
@@ -1181,8 +1186,7 @@ class RealtimeProtocol(WebSocketServerProtocol):
         if self._closing or self.state != WebSocketServerProtocol.STATE_OPEN:
             return
         try:
-            if self.send_queue or not _send_now(self.transport, data):
-                self.sendData(data)
+            self.write_frames(data)
         except Exception:
             _log.failure("realtime socket of {peer}: sending failed", peer=self.peer)
             self._internal_error()
