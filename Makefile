@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 PIP     = $(BIN)/pip
 PORT   ?= tcp:3000
 
-.PHONY: run test install lint typecheck pytest bench clean lock browser
+.PHONY: run test install install-run lint typecheck pytest bench clean lock browser
 .PHONY: image test-infra infra-tools lock-infra
 
 # The browser tests drive Debian's chromium through Playwright's executable_path (Playwright
@@ -21,12 +21,34 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install --quiet -c constraints.txt --config-settings editable_mode=compat -e '.[test,bench]'
 	touch $@
 
+# --ignore-scripts: nothing vibed uses needs an install script (leveldown ships prebuilt
+# binaries; esbuild's binary comes in its platform package), and pouchdb-server's optional
+# sqlite3 would otherwise be compiled from source for minutes.
+NPM_CI = npm ci --no-audit --no-fund --loglevel=error --ignore-scripts
+NODE_CHECK = @command -v node >/dev/null || { echo "make: Node.js (>= 18) is needed for the embedded CouchDB-protocol server: apt-get install nodejs npm"; exit 1; }
+
 node_modules/.installed: package.json package-lock.json
-	@command -v node >/dev/null || { echo "make: Node.js (>= 18) is needed for the embedded CouchDB-protocol server: apt-get install nodejs npm"; exit 1; }
-	npm ci --no-audit --no-fund --loglevel=error
+	$(NODE_CHECK)
+	$(NPM_CI)
 	touch $@
 
 install: $(VENV)/.installed node_modules/.installed
+
+# What `make run` needs, and no more (no test tools, no browser): a fresh machine serves in
+# about two minutes. A full `make install` already satisfies it.
+$(VENV)/.runtime: pyproject.toml constraints.txt
+	@if [ $(VENV)/.installed -nt pyproject.toml ] && [ $(VENV)/.installed -nt constraints.txt ]; then :; else \
+	  $(PYTHON) -m venv $(VENV) && \
+	  $(PIP) install --quiet -c constraints.txt --config-settings editable_mode=compat -e . ; fi
+	touch $@
+
+node_modules/.runtime: package.json package-lock.json
+	$(NODE_CHECK)
+	@if [ node_modules/.installed -nt package-lock.json ] && [ node_modules/.installed -nt package.json ]; then :; else \
+	  $(NPM_CI) --omit=dev; fi
+	touch $@
+
+install-run: $(VENV)/.runtime node_modules/.runtime
 
 browser:
 	@test -x $(CHROMIUM) || { \
@@ -38,7 +60,7 @@ browser:
 	    test -z "$$CI"; \
 	  fi; }
 
-run: install
+run: install-run
 	$(BIN)/twistd -n vibed --port $(PORT)
 
 lint: $(VENV)/.installed
