@@ -449,3 +449,41 @@ async def test_contract_drift_found_by_schemathesis_is_fixed(vibed: Vibed) -> No
         resp = await person.call(method, path)
         assert resp.code == 405, (method, path, resp.code)
         assert set((resp.header("allow") or "").replace(" ", "").split(",")) - {"HEAD"} == allow
+
+
+# -- the lead's review of the apps surface -------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_token_requests_are_rate_limited_per_address(
+    make_vibed: VibedFactory,
+) -> None:
+    """Guessing at /auth/token (invented codes or refresh tokens) is bounded per address:
+    past the limit the answer is 429 ``slow_down`` with Retry-After, in OAuth's JSON shape."""
+    vibed = await make_vibed(login_limit_per_address=3)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    body = b"grant_type=refresh_token&client_id=https%3A%2F%2Fapp.example&refresh_token=nope"
+    codes = []
+    for _ in range(5):
+        resp = await fetch("POST", vibed.url + "/auth/token", data=body, headers=form)
+        codes.append(resp.code)
+    assert codes[:3] == [400, 400, 400] and codes[3:] == [429, 429], codes
+    assert resp.json()["error"] == "slow_down" and resp.header("retry-after")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_refused_early_still_carries_cors_for_apps(vibed: Vibed) -> None:
+    """A 413 decided before the body is read answers an app on another origin with CORS, so
+    its code sees the 413 rather than a network error."""
+    person = await new_person(vibed)
+    client = await raw_connect(vibed)
+    assert client.transport is not None
+    client.transport.write(
+        b"PUT /data/notes/big HTTP/1.1\r\nHost: x\r\nOrigin: https://app.example\r\n"
+        b"Authorization: Bearer " + person.token.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n{"
+    )
+    await client.lost
+    head = client.received.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 413 ")
+    assert b"access-control-allow-origin: *" in head

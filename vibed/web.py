@@ -151,10 +151,13 @@ class VibeRequest(Request):
         transport = self.channel.transport
         if transport is None:
             return
+        from vibed.cors import allowed
+
+        # An app on another origin must see the 413, not a network error.
+        cors = b"Access-Control-Allow-Origin: *\r\n" if allowed(self.uri.split(b"?")[0]) else b""
         transport.write(
             b"HTTP/1.1 413 Payload Too Large\r\n"
-            b"Content-Type: application/problem+json\r\n"
-            b"Connection: close\r\n"
+            b"Content-Type: application/problem+json\r\n" + cors + b"Connection: close\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         transport.loseConnection()

@@ -42,7 +42,7 @@ from twisted.web.server import Request
 from vibed.authorization import AppAuthority
 from vibed.config import Config
 from vibed.couch import CouchNotFound, CouchUnavailable
-from vibed.errors import NotFound, Problem, ServiceUnavailable
+from vibed.errors import NotFound, Problem, ServiceUnavailable, TooManyRequests
 from vibed.grants import GID_RE, GrantStore
 from vibed.identity import IdentityService, check_password, normalise_email
 from vibed.oauth import (
@@ -61,7 +61,7 @@ from vibed.revocation import RevocationsUnavailable
 from vibed.tokens import TokenIssuer
 
 from .auth import FIRST_PARTY_SCOPE, AuthAPI
-from .http import authenticate, json_response, read_body, require_scope
+from .http import authenticate, client_address, json_response, read_body, require_scope
 
 _log = Logger(namespace="vibed.api.apps")
 
@@ -466,6 +466,35 @@ class AppsAPI:
     # -- token and revocation endpoints ----------------------------------------------------------
 
     async def token(self, request: IRequest) -> bytes:
+        # Codes and refresh tokens are 256-bit secrets, but each attempt costs CouchDB reads:
+        # failures count per client address (successes are given back), like logins.
+        address = client_address(request, self.config.trusted_proxies)
+        try:
+            hits = await self.auth.reserve(
+                [(f"token:addr:{address}", self.config.login_limit_per_address)],
+                message="Too many failed token requests from this address; wait and retry.",
+            )
+        except TooManyRequests as e:
+            body = _oauth_json(
+                request, OAuthError("slow_down", e.detail or "Too many requests.", 429)
+            )
+            for name, value in e.headers.items():
+                request.setHeader(name.encode("ascii"), value.encode("ascii"))
+            return body
+        try:
+            answer = await self._token(request)
+        except BaseException:
+            await self.auth.release(hits)  # not the client's failure (CouchDB, a bug)
+            raise
+        if isinstance(answer, bytes):
+            return answer  # an OAuth error: the attempt stays counted
+        await self.auth.release(hits)
+        body = json_response(request, answer)
+        request.setHeader(b"Pragma", b"no-cache")
+        return body
+
+    async def _token(self, request: IRequest) -> dict[str, Any] | bytes:
+        """The token answer, or the bytes of an OAuth error response already set up."""
         try:
             form, dups = form_params(request)
             if dups:
@@ -486,9 +515,7 @@ class AppsAPI:
             return _oauth_json(request, OAuthError("invalid_request", str(e)))
         except OAuthError as e:
             return _oauth_json(request, e)
-        body = json_response(request, answer)
-        request.setHeader(b"Pragma", b"no-cache")
-        return body
+        return answer
 
     async def revoke(self, request: IRequest) -> bytes:
         try:
