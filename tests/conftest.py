@@ -273,6 +273,21 @@ async def make_vibed(tmp_path: Path, couch_url: str) -> AsyncIterator[Any]:
     await vibeds.stop()
 
 
+@pytest_twisted.async_yield_fixture
+async def replicas(tmp_path: Path, couch_url: str) -> AsyncIterator[tuple[Any, Any]]:
+    """Two vibeds against one CouchDB, sharing the JWT key file and a clock: replicas behind
+    one load balancer."""
+    from harness import FakeClock, Vibed, make_config
+
+    key = str(tmp_path / "shared-jwt.pem")
+    clock = FakeClock()
+    a = await Vibed(make_config(tmp_path / "a", couch_url, jwt_key_file=key), clock).start()
+    b = await Vibed(make_config(tmp_path / "b", couch_url, jwt_key_file=key), clock).start()
+    yield a, b
+    await a.stop()
+    await b.stop()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Browser tests (Playwright's sync API, on greenlets of its own) run after every test
     that runs on pytest-twisted's reactor greenlet, so the two never interleave."""

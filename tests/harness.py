@@ -466,3 +466,17 @@ def server_socket(vibed: Vibed, client: Any) -> Any:
     port = client.transport.getHost().port
     service = realtime_service(vibed)
     return next(s for s in service.sockets if s.transport.getPeer().port == port)
+
+
+async def poll(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> float:
+    """Seconds until ``await check()`` is true; AssertionError after ``within`` seconds."""
+    import time
+
+    from twisted.internet.task import deferLater
+
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        if await check():
+            return time.monotonic() - start
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"not within {within} s")

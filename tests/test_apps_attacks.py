@@ -4,15 +4,13 @@ that was not validated, no tokens, no 500)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 import pytest_twisted
-from harness import FakeClock, Vibed, VibedFactory, connect_realtime, make_config
+from harness import FakeClock, Vibed, VibedFactory, connect_realtime, poll
 from oauth_client import (
     APP,
     App,
@@ -25,8 +23,6 @@ from oauth_client import (
     post_form,
     query_of,
 )
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from vibed.realtime import CLOSE_REVOKED
 
@@ -341,26 +337,6 @@ async def test_revoked_grant_closes_its_realtime_socket(vibed: Vibed) -> None:
     assert token_claims.gid is not None
     assert await vibed.parts.apps.grants.revoke(token_claims.sub, token_claims.gid)
     assert await client.wait_closed() == CLOSE_REVOKED
-
-
-@pytest_twisted.async_yield_fixture
-async def replicas(tmp_path: Path, couch_url: str) -> AsyncIterator[tuple[Vibed, Vibed]]:
-    key = tmp_path / "shared-jwt.pem"
-    clock = FakeClock()
-    a = await Vibed(make_config(tmp_path / "a", couch_url, jwt_key_file=str(key)), clock).start()
-    b = await Vibed(make_config(tmp_path / "b", couch_url, jwt_key_file=str(key)), clock).start()
-    yield a, b
-    await a.stop()
-    await b.stop()
-
-
-async def poll(check: Any, within: float) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < within:
-        if await check():
-            return time.monotonic() - start
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"not within {within} s")
 
 
 @pytest_twisted.ensureDeferred

@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest_twisted
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from harness import FakeClock, Vibed, make_config
+from harness import Vibed
 
 from agent_bridge.protocol import challenge_message
 from vibed.keys import b64decode, b64url_encode, derive_wrap_key, unwrap_seed
 
 PASSWORD = "correct horse battery"
-
-
-@pytest_twisted.async_yield_fixture
-async def replicas(tmp_path: Path, couch_url: str) -> AsyncIterator[tuple[Vibed, Vibed]]:
-    key = tmp_path / "shared-jwt.pem"
-    clock = FakeClock()
-    a = await Vibed(
-        make_config(tmp_path / "a", couch_url, jwt_key_file=str(key)), clock=clock
-    ).start()
-    b = await Vibed(
-        make_config(tmp_path / "b", couch_url, jwt_key_file=str(key)), clock=clock
-    ).start()
-    yield a, b
-    await a.stop()
-    await b.stop()
 
 
 @pytest_twisted.ensureDeferred

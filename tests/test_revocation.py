@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import pytest_twisted
-from harness import FakeClock, Vibed, VibedFactory, connect_realtime, make_config
+from harness import FakeClock, Vibed, VibedFactory, connect_realtime, make_config, poll
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from vibed.api.http import authenticate
 from vibed.errors import ServiceUnavailable
@@ -26,31 +23,6 @@ PASSWORD = "correct horse battery"
 
 def email() -> str:
     return f"rev-{uuid.uuid4().hex[:12]}@example.org"
-
-
-async def poll(check: Any, within: float = 5.0) -> float:
-    """Seconds until ``await check()`` is true; AssertionError after ``within``."""
-    start = time.monotonic()
-    while time.monotonic() - start < within:
-        if await check():
-            return time.monotonic() - start
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"not within {within} s")
-
-
-@pytest_twisted.async_yield_fixture
-async def replicas(tmp_path: Path, couch_url: str) -> AsyncIterator[tuple[Vibed, Vibed]]:
-    key = tmp_path / "shared-jwt.pem"
-    clock = FakeClock()
-    a = await Vibed(
-        make_config(tmp_path / "a", couch_url, jwt_key_file=str(key)), clock=clock
-    ).start()
-    b = await Vibed(
-        make_config(tmp_path / "b", couch_url, jwt_key_file=str(key)), clock=clock
-    ).start()
-    yield a, b
-    await a.stop()
-    await b.stop()
 
 
 @pytest_twisted.ensureDeferred
