@@ -105,3 +105,39 @@ async def test_wrong_secret_is_storage_unavailable(
     finally:
         assert s3.pool is not None
         await s3.pool.closeCachedConnections()
+
+
+@pytest_twisted.ensureDeferred
+async def test_listing_streaming_and_prefix_delete_pass_a_verifying_server(
+    tmp_path: Path, verifying_s3: tuple[str, str, str]
+) -> None:
+    """What export and identity deletion ask of S3, signed and checked: a listing of one
+    identity's prefix (paged, 1,000 keys a page, another identity's keys left out), an
+    object's bytes streamed back exactly (a missing one is None), and every object under the
+    prefix deleted while the other identity's stay."""
+    s3 = store(tmp_path, *verifying_s3, region="us-east-1")
+    try:
+        await s3.ensure_bucket()
+        owner, other = str(uuid.uuid4()), str(uuid.uuid4())
+        keys = [object_key(f"idn:{owner}", str(uuid.uuid4()), "text/plain") for _ in range(3)]
+        theirs = object_key(f"idn:{other}", str(uuid.uuid4()), "text/plain")
+        big = bytes(range(256)) * 12_000  # 3 MiB: more than the reader's high-water mark
+        for i, key in enumerate([*keys, theirs]):
+            body = big if i == 0 else f"object {i}".encode()
+            code, _, answer = await s3._send("PUT", s3.object_url(key), body)
+            assert code == 200, answer
+        assert sorted(await s3.keys_under(owner)) == sorted(keys)
+        chunks = await s3.open_read(keys[0])
+        assert chunks is not None
+        received = b"".join([chunk async for chunk in chunks])
+        assert received == big
+        missing = object_key(f"idn:{owner}", str(uuid.uuid4()), "text/plain")
+        assert await s3.open_read(missing) is None
+        assert await s3.delete_prefix(owner) == 3
+        assert await s3.keys_under(owner) == []
+        assert await s3.keys_under(other) == [theirs]
+        with pytest.raises(ValueError):
+            await s3.keys_under("../" + owner)
+    finally:
+        assert s3.pool is not None
+        await s3.pool.closeCachedConnections()

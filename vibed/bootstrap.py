@@ -13,7 +13,8 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from vibed.couch import CouchError, CouchServer, CouchUnauthorized
-from vibed.naming import IDENTITIES_DB, SYSTEM_DBS
+from vibed.naming import IDENTITIES_DB, REFRESH_DB, SYSTEM_DBS
+from vibed.sessions import REFRESH_DDOC, REFRESH_INDEXES
 
 _log = Logger(namespace="vibed.bootstrap")
 
@@ -27,6 +28,10 @@ async def bootstrap(server: CouchServer) -> None:
     await server.database(IDENTITIES_DB).create_index(
         list(BY_EMAIL_INDEX["fields"]), name="byEmail", ddoc="identities"
     )
+    # An identity's sessions (refresh families) and their tokens: its session list, and
+    # what deleting it removes.
+    for name, fields in REFRESH_INDEXES.items():
+        await server.database(REFRESH_DB).create_index(fields, name=name, ddoc=REFRESH_DDOC)
 
 
 class BootstrapService(Service):

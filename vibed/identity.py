@@ -8,6 +8,10 @@ becomes ``active`` once the identity doc and its databases exist. A signup that 
 halfway removes what it created; if the process dies instead, a pending claim older than
 ``STALE_CLAIM`` seconds no longer blocks a retry of the same email.
 
+A password change re-wraps the same key under the new password (:meth:`change_password`).
+An identity being deleted carries ``deleting`` (see :mod:`vibed.deletion`): from that moment
+it no longer exists for :meth:`get`, so logins, DID challenges and ``/me`` refuse it.
+
 ``did:<did:key>`` pointer documents map an agent's key to its identity for the challenge
 login. Identity docs are the only documents with an ``email`` field (what ``byEmail`` indexes).
 """
@@ -26,7 +30,13 @@ from twisted.logger import Logger
 from vibed.couch import CouchConflict, CouchDatabase, CouchError, CouchNotFound, CouchServer
 from vibed.cpu import CPUPool
 from vibed.errors import BadRequest, Conflict, ServiceUnavailable
-from vibed.keys import dummy_hash, make_signup_material, verify_password
+from vibed.keys import (
+    KeyUnwrapError,
+    dummy_hash,
+    make_signup_material,
+    rewrap_for_password,
+    verify_password,
+)
 from vibed.naming import IDENTITIES_DB, identity_dbs, is_idn, new_idn
 
 _log = Logger(namespace="vibed.identity")
@@ -42,6 +52,10 @@ PUBLIC_FIELDS = ("email", "publicKey", "did", "createdAt")
 
 class LoginFailed(Exception):
     """Unknown email or wrong password; deliberately indistinguishable."""
+
+
+class WrongPassword(Exception):
+    """The password a logged-in person gave to confirm an action is not theirs."""
 
 
 def normalise_email(value: object) -> str:
@@ -185,6 +199,12 @@ class IdentityService:
         return await self.get(claim["idn"])
 
     async def get(self, idn: str) -> dict[str, Any] | None:
+        """The identity document, None when there is none or it is being deleted."""
+        doc = await self.get_raw(idn)
+        return None if doc is None or doc.get("deleting") else doc
+
+    async def get_raw(self, idn: str) -> dict[str, Any] | None:
+        """The identity document even while it is being deleted (the deletion needs it)."""
         if not is_idn(idn):
             return None
         try:
@@ -192,6 +212,56 @@ class IdentityService:
         except CouchNotFound:
             return None
         return doc if doc.get("type") == "identity" else None
+
+    async def confirm_password(self, idn: str, password: str) -> dict[str, Any]:
+        """The identity document if ``password`` is its password; WrongPassword otherwise
+        (NotFound-like None is WrongPassword too: the identity is gone)."""
+        doc = await self.get(idn)
+        if doc is None:
+            await self.pool.run(verify_password, await self.pool.run(dummy_hash), password)
+            raise WrongPassword()
+        if not await self.pool.run(verify_password, doc["pwdHash"], password):
+            raise WrongPassword()
+        return doc
+
+    async def change_password(self, idn: str, current: str, new: str) -> dict[str, Any]:
+        """Set a new password: a new Argon2id hash, and the same Ed25519 seed wrapped under
+        the new password with a fresh salt (the did:key does not change; the agent unwraps
+        the key with the new password). WrongPassword when ``current`` is not right;
+        Conflict when the identity changed meanwhile three times over."""
+        for _attempt in range(3):
+            doc = await self.confirm_password(idn, current)
+            try:
+                material = await self.pool.run(
+                    rewrap_for_password,
+                    doc["salt"],
+                    doc["keyWrapped"],
+                    doc["publicKey"],
+                    current,
+                    new,
+                )
+            except KeyUnwrapError:
+                # The hash matched but the key does not open: a damaged record. Refuse
+                # rather than write a key nobody could ever unwrap again.
+                _log.error("Identity {idn}: the password does not unwrap its key", idn=idn)
+                raise Conflict(
+                    "Your key could not be re-wrapped; the password was not changed.",
+                    slug="key-unwrap-failed",
+                ) from None
+            updated = {
+                **doc,
+                "pwdHash": material.pwd_hash,
+                "salt": material.salt,
+                "keyWrapped": material.key_wrapped,
+                "passwordChangedAt": _now_iso(self.clock),
+            }
+            try:
+                result = await self.db.put(updated)
+            except CouchConflict:
+                continue  # changed meanwhile (another password change?): check again
+            updated["_rev"] = result["rev"]
+            return updated
+        raise Conflict("The identity changed while the password was being changed; try again.")
 
     async def by_did(self, did: str) -> dict[str, Any] | None:
         try:

@@ -58,6 +58,7 @@ __all__ = [
     "dummy_hash",
     "hash_password",
     "make_signup_material",
+    "rewrap_for_password",
     "public_from_did_key",
     "unwrap_seed",
     "verify_ed25519",
@@ -128,6 +129,30 @@ def make_signup_material(password: str) -> SignupMaterial:
         salt=b64encode(salt),
         key_wrapped=wrap_seed(seed, derive_wrap_key(password, salt)),
         public_key=b64encode(public),
+        did=did_key_from_public(public),
+    )
+
+
+def rewrap_for_password(
+    salt: str, key_wrapped: str, public_key: str, current: str, new: str
+) -> SignupMaterial:
+    """The same key under a new password: the seed unwrapped with ``current`` and wrapped
+    again with ``new`` under a fresh salt, and a new Argon2id hash. The public key and
+    ``did:key`` stay the same (checked: the unwrapped seed must give ``public_key``).
+
+    Raises :class:`KeyUnwrapError` when ``current`` does not unwrap the key. CPU-heavy (two
+    scrypt derivations and one Argon2id hash): run it in the thread pool.
+    """
+    seed = unwrap_seed(key_wrapped, derive_wrap_key(current, b64decode(salt)))
+    public = Ed25519PrivateKey.from_private_bytes(seed).public_key().public_bytes_raw()
+    if b64encode(public) != public_key:
+        raise KeyUnwrapError("the wrapped key does not belong to this identity")
+    new_salt = os.urandom(SALT_LEN)
+    return SignupMaterial(
+        pwd_hash=hash_password(new),
+        salt=b64encode(new_salt),
+        key_wrapped=wrap_seed(seed, derive_wrap_key(new, new_salt)),
+        public_key=public_key,
         did=did_key_from_public(public),
     )
 

@@ -23,6 +23,7 @@ from vibed.api.apps import AppsAPI, make_apps
 from vibed.api.auth import AuthAPI
 from vibed.api.data import make_data_api
 from vibed.api.direct import DirectRoutes
+from vibed.api.me import make_me
 from vibed.api.root import VibeAPI
 from vibed.blobs import make_blobs
 from vibed.bootstrap import BootstrapService, PurgeService
@@ -172,6 +173,19 @@ def build(
     revocations.add_listener(realtime.revoked)
     blobs = make_blobs(config, couch, issuer, reactor, clock)
     apps = make_apps(config, couch, auth, identities, issuer, refresh, revocations, clock)
+    me, deletions = make_me(
+        config,
+        couch,
+        issuer,
+        identities,
+        refresh,
+        limiter,
+        revocations,
+        apps,
+        blobs,
+        reactor,
+        clock,
+    )
     api = VibeAPI(
         auth=auth,
         data=data,
@@ -185,6 +199,7 @@ def build(
         public_url=config.public_url,
         apps=apps,
         agent=AgentBridge(auth=auth, nonces=nonces, grants=apps.grants, authority=apps.authority),
+        me_api=me,
         worker=config.extra.get("worker"),
     )
     return Components(
@@ -201,7 +216,7 @@ def build(
         api=api,
         apps=apps,
         # The revocation list first: tokens cannot be checked until it is loaded.
-        services=[revocations, realtime, *blobs.services],
+        services=[revocations, realtime, *blobs.services, deletions],
         body_policies=blobs.body_policies,
     )
 
@@ -254,6 +269,7 @@ def makeService(config: Config, reactor: Any = None, endpoint: Any = None) -> Mu
             parts.refresh.purge,
             parts.apps.authority.codes.purge,
             parts.revocations.purge,
+            parts.api.me_api.account.purge,
         ],
         interval=600,
         reactor=reactor,

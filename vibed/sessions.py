@@ -12,6 +12,15 @@ rotation, presenting the just-rotated token again (two tabs refreshing at once, 
 on a flaky network) yields *the same* successor. Presenting it after the grace interval is
 reuse: the whole family (``fam:<family>``) is revoked and every token in it stops working.
 
+Families of an identity
+-----------------------
+A family document carries its identity, ``createdAt``, ``lastUsedAt`` (written at most once a
+minute, when a token of it rotates) and the ``userAgent`` of the browser or device that logged
+in: what the person's dashboard lists as their sessions. Two Mango indexes (created at
+bootstrap, :data:`REFRESH_INDEXES`) find them: ``byIdn`` on ``[idn, createdAt]`` holds exactly
+the family documents (token documents have no ``createdAt``), ``byFamily`` on ``[family]``
+exactly the token documents. Deleting an identity removes both.
+
 Nonces
 ------
 ``n:<nonce>`` documents with an expiry. Consuming one is a DELETE on its ``_rev``: CouchDB lets
@@ -30,10 +39,23 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.logger import Logger
 
-from vibed.couch import CouchConflict, CouchDatabase, CouchNotFound
+from vibed.couch import (
+    CouchConflict,
+    CouchDatabase,
+    CouchError,
+    CouchNotFound,
+    CouchUnavailable,
+)
 from vibed.keys import b64url_encode
 
 _log = Logger(namespace="vibed.sessions")
+
+#: Mango indexes of ``vibe_refresh`` (name -> fields), created by bootstrap in ddoc "refresh".
+REFRESH_INDEXES = {"byIdn": ["idn", "createdAt"], "byFamily": ["family"]}
+REFRESH_DDOC = "refresh"
+#: lastUsedAt of a family is written at most this often (seconds).
+TOUCH_EVERY = 60
+MAX_USER_AGENT = 256
 
 _TOKEN = re.compile(r"^rt1\.([0-9a-f]{32})\.([A-Za-z0-9_-]{43})\Z")
 _NONCE = re.compile(r"^[A-Za-z0-9_-]{43}\Z")
@@ -78,9 +100,10 @@ class RefreshStore:
         family: str | None = None,
         grant: str | None = None,
         client_id: str | None = None,
+        user_agent: str | None = None,
     ) -> Rotation:
         """A new login (or an app's new session under ``grant``, for ``client_id``): a new
-        family and its first token."""
+        family and its first token. ``user_agent``: the browser's, shown in its session list."""
         family = family or secrets.token_hex(16)
         now = self.clock()
         doc: dict[str, Any] = {
@@ -88,7 +111,10 @@ class RefreshStore:
             "idn": idn,
             "revoked": False,
             "createdAt": int(now),
+            "lastUsedAt": int(now),
         }
+        if user_agent:
+            doc["userAgent"] = "".join(c for c in user_agent if c.isprintable())[:MAX_USER_AGENT]
         if grant is not None:
             doc["grant"] = grant
             doc["clientId"] = client_id
@@ -161,6 +187,7 @@ class RefreshStore:
                 except CouchConflict:
                     continue  # a concurrent rotation won; re-read and take the grace path
                 await self._put_token(successor, doc["idn"], family, expires)
+                await self._touch(fam, now)
                 return Rotation(
                     doc["idn"], family, successor, expires, grant=grant, client_id=fam_client
                 )
@@ -177,6 +204,64 @@ class RefreshStore:
             raise RefreshRejected("reuse")
         raise RefreshRejected("contention")
 
+    async def _touch(self, fam: dict[str, Any], now: float) -> None:
+        """Note when the family was last used (best effort, at most once a minute)."""
+        last = fam.get("lastUsedAt")
+        if isinstance(last, int | float) and now - last < TOUCH_EVERY:
+            return
+        try:
+            await self.db.put({**fam, "lastUsedAt": int(now)})
+        except CouchError as e:
+            # A concurrent revocation or touch won: the family is as it should be.
+            _log.debug("lastUsedAt of a family not written ({error})", error=type(e).__name__)
+
+    async def families(self, idn: str, *, limit: int = 1000) -> list[dict[str, Any]]:
+        """The family documents of ``idn`` (revoked ones too), oldest first."""
+        page = await self.db.find(
+            {"idn": {"$eq": idn}, "createdAt": {"$gte": 0}},
+            limit=limit,
+            use_index=[REFRESH_DDOC, "byIdn"],
+        )
+        docs = [d for d in page.docs if str(d.get("_id", "")).startswith("fam:")]
+        return sorted(docs, key=lambda d: (d.get("createdAt", 0), d["_id"]))
+
+    async def forget_identity(self, idn: str) -> int:
+        """Revoke and delete every family of ``idn`` and every refresh token in them (an
+        identity being deleted); returns how many families went. Safe to run again."""
+        gone = 0
+        for _round in range(1000):
+            families = await self.families(idn, limit=200)
+            if not families:
+                return gone
+            for fam in families:
+                family = fam["_id"][len("fam:") :]
+                if not fam.get("revoked"):
+                    await self.revoke_family(family)
+                await self._delete_tokens(family)
+                try:
+                    current = await self.db.get(fam["_id"])
+                    await self.db.delete(current["_id"], current["_rev"])
+                except (CouchNotFound, CouchConflict):
+                    pass  # gone already, or changed: the next round sees it again
+                gone += 1
+        raise CouchUnavailable(0, "contention", "the sessions could not all be deleted")
+
+    async def _delete_tokens(self, family: str) -> None:
+        while True:
+            page = await self.db.find(
+                {"family": {"$eq": family}}, limit=500, use_index=[REFRESH_DDOC, "byFamily"]
+            )
+            stale = [
+                {"_id": d["_id"], "_rev": d["_rev"], "_deleted": True}
+                for d in page.docs
+                if str(d.get("_id", "")).startswith("tok:")
+            ]
+            if not stale:
+                return
+            results = await self.db.bulk_docs(stale)
+            if len(page.docs) < 500 or not any(r.get("ok") for r in results):
+                return  # done, or nothing would go (the next run tries again)
+
     async def family_of(self, token: str) -> dict[str, Any] | None:
         """The family document of a well-formed refresh token (revoked or not), or None."""
         match = _TOKEN.match(token or "")
@@ -189,6 +274,12 @@ class RefreshStore:
             return None
         idn = fam.get("idn")
         return idn if isinstance(idn, str) else None
+
+    async def family(self, family: str) -> dict[str, Any] | None:
+        """The family document ``fam:<family>`` (revoked or not), None for anything else."""
+        if not isinstance(family, str) or re.fullmatch(r"[0-9a-f]{32}", family) is None:
+            return None
+        return await self._family(family)
 
     async def _family(self, family: str) -> dict[str, Any] | None:
         try:

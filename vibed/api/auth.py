@@ -41,6 +41,12 @@ SCOPES = (FIRST_PARTY_SCOPE, "data:*", "blob:*")
 LOGIN_FAILED = "The email or password is not right."
 
 
+def user_agent(request: IRequest) -> str | None:
+    """The client's User-Agent (what its session is listed as), if it sent one."""
+    raw = request.getHeader(b"user-agent")
+    return raw.decode("latin-1")[:1024] if raw else None
+
+
 @define(slots=False)
 class AuthAPI:
     config: Config
@@ -91,7 +97,7 @@ class AuthAPI:
     ) -> bytes:
         """Log ``doc``'s identity in: a new session, the refresh cookie, the tokens' body.
         Every way of logging in ends here (password, signup, the agent's DID challenge)."""
-        rotation = await self.refresh.create_family(doc["_id"])
+        rotation = await self.refresh.create_family(doc["_id"], user_agent=user_agent(request))
         body = {"identity": redact(doc), **self._tokens(request, doc["_id"], rotation)}
         return json_response(request, body, status)
 
@@ -151,7 +157,7 @@ class AuthAPI:
 
     async def start_session(self, request: IRequest, idn: str) -> Rotation:
         """A new first-party session (refresh family) for ``idn``; sets the refresh cookie."""
-        rotation = await self.refresh.create_family(idn)
+        rotation = await self.refresh.create_family(idn, user_agent=user_agent(request))
         self._set_cookie(request, rotation)
         return rotation
 

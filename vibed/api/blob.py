@@ -116,6 +116,20 @@ class BlobAPI:
             after = check_blob_id(raw_after[0].decode("ascii", "replace"))
         return json_response(request, await self.blobs.list_page(idn, limit, after))
 
+    @app.route("/usage", methods=["GET"])
+    async def usage(self, request: IRequest) -> bytes:
+        idn = self._idn(request)
+        used, pending = await self.blobs.usage(idn)
+        return json_response(
+            request,
+            {
+                "used": used,
+                "pending": pending,
+                "quota": self.blobs.quota or None,
+                "maxSize": self.blobs.max_size,
+            },
+        )
+
     @app.route("/<blobid:id>", methods=["DELETE"])
     async def delete_blob(self, request: IRequest, id: str) -> bytes:
         idn = self._idn(request)
@@ -183,6 +197,30 @@ _OBJECT = [
 ]
 
 OPENAPI_PATHS: dict[str, Any] = {
+    "/blob/usage": {
+        "get": {
+            "summary": "Bytes the identity's files take, next to its quota",
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["used", "pending", "quota", "maxSize"],
+                        "properties": {
+                            "used": {"type": "integer", "minimum": 0},
+                            "pending": {"type": "integer", "minimum": 0},
+                            "quota": {"type": ["integer", "null"], "minimum": 1},
+                            "maxSize": {"type": "integer", "minimum": 0},
+                        },
+                    },
+                    "used: finalized files; pending: uploads not finalized yet; quota: null "
+                    "when there is none",
+                ),
+                **_AUTH,
+                "404": _problem("The identity no longer exists"),
+                **_UNAVAILABLE,
+            },
+        }
+    },
     "/blob/upload-url": {
         "post": {
             "summary": "Sign an upload: PUT the bytes to url with exactly the given headers",

@@ -46,9 +46,9 @@ def openapi_document(
     doc = _core_document(public_url)
     from agent_bridge import api as agent
 
-    from . import apps, blob, data
+    from . import apps, blob, data, me
 
-    for surface in (data, blob, apps, agent):
+    for surface in (data, blob, apps, agent, me):
         doc["paths"].update(copy.deepcopy(surface.OPENAPI_PATHS))
         doc["components"]["schemas"].update(copy.deepcopy(surface.OPENAPI_SCHEMAS))
     upload = doc["components"]["schemas"]["UploadRequest"]["properties"]

@@ -26,6 +26,7 @@ from .auth import FIRST_PARTY_SCOPE, AuthAPI
 from .blob import BlobAPI
 from .data import DataAPI
 from .http import authenticate, json_response
+from .me import MeAPI
 from .openapi import openapi_document
 
 
@@ -61,6 +62,7 @@ class VibeAPI:
     public_url: str
     apps: AppsAPI
     agent: AgentBridge
+    me_api: MeAPI
     #: Which of ``--workers`` processes this is (None: the only one); /healthz says it.
     worker: int | None = None
 
@@ -124,6 +126,44 @@ class VibeAPI:
     @app.route("/me/grants/<gid>", methods=["DELETE"])
     async def revoke_grant(self, request: IRequest, gid: str) -> bytes:
         return await self.apps.delete_grant(request, gid)
+
+    # -- the identity's own management (vibed/api/me.py) ----------------------------------------
+
+    @app.route("/me/collections", methods=["GET"])
+    async def me_collections(self, request: IRequest) -> bytes:
+        return await self.me_api.collections(request)
+
+    @app.route("/me/sessions", methods=["GET"])
+    async def me_sessions(self, request: IRequest) -> bytes:
+        return await self.me_api.sessions(request)
+
+    @app.route("/me/sessions", methods=["DELETE"])
+    async def me_sessions_others(self, request: IRequest) -> bytes:
+        return await self.me_api.revoke_other_sessions(request)
+
+    @app.route("/me/sessions/<sid>", methods=["DELETE"])
+    async def me_session(self, request: IRequest, sid: str) -> bytes:
+        return await self.me_api.revoke_session(request, sid)
+
+    @app.route("/me/password", methods=["POST"])
+    async def me_password(self, request: IRequest) -> bytes:
+        return await self.me_api.change_password(request)
+
+    @app.route("/me/export", methods=["POST"])
+    async def me_export_link(self, request: IRequest) -> bytes:
+        return await self.me_api.export_link(request)
+
+    @app.route("/me/export", methods=["GET"])
+    async def me_export(self, request: IRequest) -> bytes:
+        return await self.me_api.export(request)
+
+    @app.route("/me/export/<ticket>", methods=["GET"])
+    async def me_export_ticket(self, request: IRequest, ticket: str) -> bytes:
+        return await self.me_api.export_by_ticket(request, ticket)
+
+    @app.route("/me/delete", methods=["POST"])
+    async def me_delete(self, request: IRequest) -> bytes:
+        return await self.me_api.delete_identity(request)
 
     @app.route("/sdk/<path:name>", methods=["GET"])
     def sdk_file(self, request: IRequest, name: str) -> bytes:

@@ -12,7 +12,7 @@ SigV4 presigned URLs). See docs/blobs.md.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from attrs import define, field, frozen
@@ -26,6 +26,7 @@ from vibed.web import BodyPolicy
 
 _UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 BLOB_ID_RE = re.compile(rf"^{_UUID4}\Z")
+OWNER_RE = re.compile(rf"^{_UUID4}\Z")
 #: ``<idn uuid>/<blob uuid>.<ext>``: nothing else is ever a key, so no key can climb out of
 #: the blob directory or name another identity's prefix by accident.
 KEY_RE = re.compile(rf"^({_UUID4})/({_UUID4})\.([a-z0-9]{{1,8}})\Z")
@@ -168,6 +169,13 @@ class BlobStore(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove the object under ``key``; no error if there is none."""
+
+    async def delete_prefix(self, owner: str) -> int:
+        """Remove every object under ``<owner>/`` (an identity's uuid); returns how many."""
+
+    async def open_read(self, key: str) -> AsyncIterator[bytes] | None:
+        """The object's bytes, a chunk at a time, read as the consumer asks for them (memory
+        stays bounded whatever the size); None when there is no such object."""
 
 
 @define

@@ -14,9 +14,11 @@ a refusal of vibed's credentials is :class:`StoreUnavailable`, which the API ans
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
+from xml.etree import ElementTree
 
 import treq
 from attrs import define, field
@@ -26,11 +28,13 @@ from botocore.credentials import Credentials
 from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 
-from vibed.blobs import KEY_RE, ObjectInfo, SignedRequest, StoreUnavailable
+from vibed.blobs import KEY_RE, OWNER_RE, ObjectInfo, SignedRequest, StoreUnavailable
 from vibed.config import Config, ConfigError
 
 _log = Logger(namespace="vibed.blobs.s3")
@@ -225,8 +229,134 @@ class S3Store:
         if code >= 300 and code != 404:
             raise StoreUnavailable(f"S3 answered {code} to DELETE")
 
+    async def keys_under(self, owner: str) -> list[str]:
+        """Every key under ``<owner>/`` (ListObjectsV2, a page of 1,000 at a time)."""
+        if not OWNER_RE.match(owner):
+            raise ValueError("not an identity's prefix")
+        keys: list[str] = []
+        token: str | None = None
+        while True:
+            params = {"list-type": "2", "prefix": owner + "/"}
+            if token is not None:
+                params["continuation-token"] = token
+            url = self.bucket_url() + "?" + urlencode(params, quote_via=quote)
+            code, _, content = await self._send("GET", url)
+            if code >= 300:
+                raise StoreUnavailable(f"S3 answered {code} to a listing")
+            try:
+                # Our own bucket's answer, parsed by expat (no external entities).
+                root = ElementTree.fromstring(content)  # noqa: S314
+            except ElementTree.ParseError:
+                raise StoreUnavailable("S3 answered a listing that is not XML") from None
+            ns = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+            for element in root.iter(f"{ns}Key"):
+                if element.text and KEY_RE.match(element.text):
+                    keys.append(element.text)
+            token = root.findtext(f"{ns}NextContinuationToken")
+            if root.findtext(f"{ns}IsTruncated") != "true" or not token:
+                return keys
+
+    async def delete_prefix(self, owner: str) -> int:
+        keys = await self.keys_under(owner)
+        for key in keys:
+            await self.delete(key)
+        return len(keys)
+
+    async def open_read(self, key: str) -> AsyncIterator[bytes] | None:
+        url = self.object_url(key)
+        request = AWSRequest(method="GET", url=url, headers={})
+        S3SigV4Auth(self.credentials, "s3", self.region).add_auth(request)
+        headers = {name: value for name, value in request.headers.items()}
+        d = Deferred.fromCoroutine(self._open(url, headers))
+        d.addTimeout(self.timeout, self.reactor)
+        try:
+            response = await d
+        except TimeoutError:
+            raise self._down(f"S3 did not answer within {self.timeout:g} s") from None
+        except CancelledError:
+            raise
+        except Exception as e:
+            raise self._down(f"S3 not reachable ({type(e).__name__})") from None
+        if response.code == 404:
+            await treq.content(response)
+            return None
+        if response.code >= 300:
+            await treq.content(response)
+            raise self._down(f"S3 answered {response.code} to GET")
+        self._healthy_at = self.reactor.seconds()
+        body = _StreamingBody(self.reactor, self.timeout)
+        response.deliverBody(body)
+        return body.chunks()
+
+    async def _open(self, url: str, headers: Any) -> Any:
+        # unbuffered: treq would otherwise collect the whole body in memory.
+        return await self.http.request(
+            "GET", url, headers=headers, allow_redirects=False, unbuffered=True
+        )
+
     def service(self) -> S3Service:
         return S3Service(self)
+
+
+class _StreamingBody(Protocol):
+    """An object's body, handed out a chunk at a time: the connection is paused while more
+    than :data:`HIGH_WATER` bytes wait for the consumer, so memory stays bounded."""
+
+    HIGH_WATER = 1024 * 1024
+    LOW_WATER = 256 * 1024
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+        self.waiting: deque[bytes] = deque()
+        self.buffered = 0
+        self.paused = False
+        self.ended: Failure | None = None
+        self.waiter: Deferred[None] | None = None
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
+        self.waiting.append(data)
+        self.buffered += len(data)
+        if self.buffered > self.HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            cast(Any, self.transport).pauseProducing()
+        self._wake()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self.ended = reason
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            waiter.callback(None)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                if self.waiting:
+                    data = self.waiting.popleft()
+                    self.buffered -= len(data)
+                    if self.paused and self.buffered < self.LOW_WATER and self.ended is None:
+                        self.paused = False
+                        if self.transport is not None:
+                            cast(Any, self.transport).resumeProducing()
+                    yield data
+                    continue
+                if self.ended is not None:
+                    if self.ended.check(ResponseDone):
+                        return
+                    raise StoreUnavailable("S3 stopped sending the object")
+                waiter: Deferred[None] = Deferred()
+                self.waiter = waiter
+                waiter.addTimeout(self.timeout, self.reactor)
+                try:
+                    await waiter
+                except TimeoutError:
+                    raise StoreUnavailable("S3 stopped sending the object") from None
+        finally:
+            if self.ended is None and self.transport is not None:
+                cast(Any, self.transport).stopProducing()  # abandoned (the client went away)
 
 
 class S3Service(Service):

@@ -376,6 +376,43 @@ class BlobService:
         except CouchError as e:
             _log.warn("No tombstone for deleted blob {id}: {error}", id=record["id"], error=str(e))
 
+    async def records(self, idn: str) -> list[dict[str, Any]]:
+        """Every finalized blob record of ``idn``, in id order (the export reads them)."""
+        try:
+            return await self._range(self.data(idn), BLOB_PREFIX, BLOB_PREFIX + _RANGE_END)
+        except CouchNotFound:
+            raise NotFound("This identity no longer exists.") from None
+
+    async def delete_all(self, idn: str) -> int:
+        """Remove every object of ``idn`` (an identity being deleted): its blobs, its pending
+        uploads', then anything else under its prefix; returns how many objects went.
+
+        Records of uploads whose signed URL may still be used stay in ``vibe_uploads`` (a
+        tombstone is left for blobs finalized recently): the cleanup removes, after their
+        expiry, any object PUT again with such a URL. Safe to run again.
+        """
+        owner = idn.removeprefix("idn:")
+        removed = 0
+        try:
+            records = await self.records(idn)
+        except NotFound:
+            records = []  # the data database is gone already (a resumed deletion)
+        for record in records:
+            key = str(record.get("key", ""))
+            if key_owner(key) != idn:
+                continue
+            await self.store.delete(key)
+            removed += 1
+            upload_expires = _int(record.get("uploadExpiresAt")) or 0
+            if self.clock() <= upload_expires + FINALIZE_GRACE:
+                await self._leave_tombstone(idn, record, upload_expires)
+        for doc in await self._range(self.uploads, f"{idn}:", f"{idn}:{_RANGE_END}"):
+            key = str(doc.get("key", ""))
+            if key_owner(key) == idn:
+                await self.store.delete(key)
+        removed += await self.store.delete_prefix(owner)
+        return removed
+
     # -- cleanup ---------------------------------------------------------------------------
 
     async def cleanup(self) -> int:
