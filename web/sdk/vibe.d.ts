@@ -58,6 +58,13 @@ export interface VibeOptions {
   appName?: string;
   /** "local" (default: localStorage, shared by tabs), "memory", or your own store. */
   store?: "local" | "memory" | SessionStore;
+  /**
+   * A page served by the Vibe Cloud server itself (its dashboard): the session is the
+   * server's own login (refresh cookie, same origin), tokens carry the first-party scope and
+   * stay in memory, `login()` goes to the server's log-in page, and `account` works.
+   * `scopes` are ignored. Apps on other origins never use this.
+   */
+  firstParty?: boolean;
   /** The agent to use (default: window.vibe when present); false to never use it. */
   agent?: VibeAgent | false;
   fetch?: typeof fetch;
@@ -174,12 +181,60 @@ export interface Files {
   url(id: string): Promise<string>;
   list(options?: { limit?: number; after?: string }): Promise<{ blobs: BlobRecord[]; next: string | null }>;
   delete(id: string): Promise<null>;
+  /** Bytes taken by files and pending uploads, next to the quota (null: no quota). */
+  usage(): Promise<StorageUsage>;
+}
+
+export interface StorageUsage {
+  used: number;
+  pending: number;
+  quota: number | null;
+  maxSize: number;
+}
+
+export interface CollectionInfo {
+  name: string;
+  count: number;
+}
+
+export interface SessionInfo {
+  id: string;
+  createdAt: string | null;
+  lastUsedAt: string | null;
+  userAgent: string | null;
+  /** The session making this request. */
+  current: boolean;
+}
+
+export interface GrantInfo {
+  id: string;
+  origin: string;
+  scopes: string[];
+  name: string | null;
+  via: "consent" | "agent";
+  createdAt: string;
+  lastUsedAt: string | null;
+}
+
+/** The identity itself: first-party pages only (the routes need the `identity` scope). */
+export interface Account {
+  collections(): Promise<CollectionInfo[]>;
+  sessions(): Promise<SessionInfo[]>;
+  revokeSession(id: string): Promise<null>;
+  logoutEverywhereElse(): Promise<{ revoked: number }>;
+  changePassword(currentPassword: string, newPassword: string): Promise<{ revokedSessions: number }>;
+  grants(): Promise<GrantInfo[]>;
+  revokeGrant(id: string): Promise<null>;
+  /** A one-time link that downloads everything the identity owns as a ZIP archive. */
+  exportLink(): Promise<{ url: string; expiresAt: number }>;
+  /** Deletes the identity and all it owns; the session ends. "pending": it finishes by itself. */
+  deleteIdentity(password: string): Promise<{ state: "deleted" | "pending"; detail?: string }>;
 }
 
 export type RealtimeStatus = "closed" | "connecting" | "open" | "reconnecting";
 
 export interface StateInfo {
-  /** Why the session ended: "logout", "revoked", "agent-disconnected". */
+  /** Why the session ended: "logout", "revoked", "deleted", "agent-disconnected". */
   reason?: string;
   error?: VibeError | null;
   /** After a login: where login({returnTo}) asked to go back to. */
@@ -194,6 +249,7 @@ export interface Vibe {
   readonly identity: Identity | null;
   readonly lastError: VibeError | Error | null;
   readonly files: Files;
+  readonly account: Account;
   init(): Promise<State>;
   login(options?: { prompt?: "none" | "consent"; returnTo?: string }): Promise<void>;
   logout(): Promise<void>;

@@ -9,6 +9,10 @@
 // The app logs in with OAuth 2.1 (authorization code + PKCE S256, client_id = its origin) on
 // the person's own Vibe Cloud, which shows a consent page; or, when the vibe agent extension is
 // present (window.vibe), through the agent. docs/apps.md is the guide.
+//
+// Pages served by the Vibe Cloud server itself (its dashboard) use `firstParty: true`: the
+// session is the server's own login (the httpOnly refresh cookie, same origin), tokens carry the
+// first-party scope and stay in memory, and `vibe.account` manages the identity.
 
 import { VibeError, errorFrom } from "./errors.js";
 import { Realtime } from "./realtime.js";
@@ -73,7 +77,9 @@ class VibeClient {
           : globalThis.localStorage
             ? localStore()
             : memoryStore();
-    this.agentOption = options.agent;
+    this.firstParty = options.firstParty === true;
+    if (this.firstParty) this.store = memoryStore(); // tokens never leave this tab's memory
+    this.agentOption = this.firstParty ? false : options.agent;
     this.agent = null;
     this.fetchImpl = options.fetch || globalThis.fetch.bind(globalThis);
     this.key = SESSION + this.server;
@@ -92,6 +98,15 @@ class VibeClient {
       WebSocket: options.WebSocket,
     });
     this.files = new Files(this);
+    this.account = new Account(this);
+    this.channel = null;
+    if (this.firstParty && globalThis.BroadcastChannel) {
+      // Tabs of the server's own pages share the login: a logout in one ends them all.
+      this.channel = new BroadcastChannel(`vibe:${this.server}`);
+      this.channel.onmessage = (event) => {
+        if (event.data && event.data.type === "ended" && this.session) this._ended(event.data.reason, false);
+      };
+    }
     this._onStorage = (event) => {
       if (event.key === this.key) this._adoptStored();
     };
@@ -136,6 +151,7 @@ class VibeClient {
    * with the state: "logged-in" or "logged-out".
    */
   async init() {
+    if (this.firstParty) return this._initFirstParty();
     const agent = this.agentOption === false ? null : this.agentOption || globalThis.vibe;
     if (isAgent(agent)) {
       const state = await this._useAgent(agent, { prompt: "none" });
@@ -164,6 +180,27 @@ class VibeClient {
       return this.state;
     }
     this._setState("logged-out");
+    return this.state;
+  }
+
+  async _initFirstParty() {
+    try {
+      await this.token({ force: true });
+    } catch (error) {
+      if (this.state !== "logged-out") this._setState("logged-out", { error });
+      return this.state;
+    }
+    if (!this.session) {
+      this._setState("logged-out");
+      return this.state;
+    }
+    try {
+      await this._loadIdentity();
+    } catch (error) {
+      if (this.state === "logged-out") return this.state;
+      this.lastError = error;
+    }
+    if (this.session) this._setState("logged-in");
     return this.state;
   }
 
@@ -265,6 +302,11 @@ class VibeClient {
    * back to redirectUri. With prompt "none", come back at once, logged in or with an error.
    */
   async login(options = {}) {
+    if (this.firstParty) {
+      const back = options.returnTo || location.pathname + location.search + location.hash;
+      location.assign(`${this.server}/login?next=${encodeURIComponent(back)}`);
+      return new Promise(() => {}); // the page is leaving
+    }
     const agent = this.agent || (this.agentOption === false ? null : this.agentOption || globalThis.vibe);
     if (isAgent(agent) && (await this._useAgent(agent)) !== null) return;
     const verifier = randomToken(48);
@@ -296,7 +338,13 @@ class VibeClient {
   /** End this app's session: the refresh token is revoked, the socket closed. */
   async logout() {
     const session = this.session;
-    if (this.agent) {
+    if (this.firstParty) {
+      try {
+        await this.fetchImpl(`${this.server}/auth/logout`, { method: "POST", credentials: "same-origin" });
+      } catch {
+        // Offline: the cookie stays, but this tab forgets its token.
+      }
+    } else if (this.agent) {
       await this.agent.disconnect?.();
     } else if (session) {
       try {
@@ -308,7 +356,8 @@ class VibeClient {
     this._ended("logout");
   }
 
-  _ended(reason) {
+  _ended(reason, tell = true) {
+    if (tell && this.channel && this.session) this.channel.postMessage({ type: "ended", reason });
     clearTimeout(this.refreshTimer);
     this.refreshTimer = null;
     this.session = null;
@@ -364,6 +413,7 @@ class VibeClient {
    */
   async token({ force = false } = {}) {
     if (this.agent) return this.agent.getToken();
+    if (this.firstParty) return this._firstPartyToken(force);
     if (!this.session) return null;
     if (!force && this.session.expiresAt - Date.now() > REFRESH_MARGIN) {
       return this.session.accessToken;
@@ -378,6 +428,42 @@ class VibeClient {
     }
     await this.refreshing;
     return this.session ? this.session.accessToken : null;
+  }
+
+  async _firstPartyToken(force) {
+    if (!force && this.session && this.session.expiresAt - Date.now() > REFRESH_MARGIN) {
+      return this.session.accessToken;
+    }
+    if (!this.refreshing) {
+      // The refresh cookie is shared by the tabs and rotates on every use: one at a time.
+      const run = () => this._refreshCookie();
+      const lock = `vibe-refresh:${this.server}:first-party`;
+      this.refreshing = (navigator.locks ? navigator.locks.request(lock, run) : run()).finally(() => {
+        this.refreshing = null;
+      });
+    }
+    await this.refreshing;
+    return this.session ? this.session.accessToken : null;
+  }
+
+  async _refreshCookie() {
+    let response;
+    try {
+      response = await this.fetchImpl(`${this.server}/auth/refresh`, { method: "POST", credentials: "same-origin" });
+    } catch (cause) {
+      throw new VibeError("The server cannot be reached.", { cause });
+    }
+    if (response.status === 401) {
+      // No cookie, or the session ended (logged out, revoked elsewhere): logged out.
+      if (this.session) this._ended("revoked");
+      else this._setState("logged-out", { error: null });
+      return;
+    }
+    if (!response.ok) throw await errorFrom(response);
+    const answer = await response.json();
+    this.session = { accessToken: answer.accessToken, expiresAt: Date.now() + answer.expiresIn * 1000 };
+    this._schedule();
+    this.realtime.tokenChanged(this.session.accessToken);
   }
 
   async _refresh(used) {
@@ -420,6 +506,7 @@ class VibeClient {
   }
 
   async _loadIdentity() {
+    if (!this.session && this.firstParty) return null;
     const me = await this.request("GET", "/me");
     this._setIdentity(me);
     return me;
@@ -482,6 +569,7 @@ class VibeClient {
   /** Stop timers and listeners (a single-page app tearing down). */
   destroy() {
     clearTimeout(this.refreshTimer);
+    if (this.channel) this.channel.close();
     this.realtime.destroy();
     if (globalThis.removeEventListener) globalThis.removeEventListener("storage", this._onStorage);
   }
@@ -657,6 +745,69 @@ class Files {
 
   delete(id) {
     return this.client.request("DELETE", `/blob/${enc(id)}`);
+  }
+
+  /** Bytes used by files (and pending uploads) next to the quota (null: none): {used, pending, quota, maxSize}. */
+  usage() {
+    return this.client.request("GET", "/blob/usage");
+  }
+}
+
+/**
+ * The identity itself (first-party pages only: these routes need the `identity` scope, which
+ * apps never get): its collections, sessions, password, apps, export and deletion.
+ */
+class Account {
+  constructor(client) {
+    this.client = client;
+  }
+
+  /** The collections with their document counts: [{name, count}]. */
+  async collections() {
+    return (await this.client.request("GET", "/me/collections")).collections;
+  }
+
+  /** Signed-in browsers and devices: [{id, createdAt, lastUsedAt, userAgent, current}]. */
+  async sessions() {
+    return (await this.client.request("GET", "/me/sessions")).sessions;
+  }
+
+  revokeSession(id) {
+    return this.client.request("DELETE", `/me/sessions/${enc(id)}`);
+  }
+
+  /** End every session but this one: {revoked}. */
+  logoutEverywhereElse() {
+    return this.client.request("DELETE", "/me/sessions");
+  }
+
+  /** The key is re-wrapped (same did:key) and the other sessions end: {revokedSessions}. */
+  changePassword(currentPassword, newPassword) {
+    return this.client.request("POST", "/me/password", { currentPassword, newPassword });
+  }
+
+  /** The apps the person allowed: [{id, origin, scopes, name, via, createdAt, lastUsedAt}]. */
+  async grants() {
+    return (await this.client.request("GET", "/me/grants")).grants;
+  }
+
+  revokeGrant(id) {
+    return this.client.request("DELETE", `/me/grants/${enc(id)}`);
+  }
+
+  /** A one-time link {url, expiresAt} that downloads everything as a ZIP (open it at once). */
+  exportLink() {
+    return this.client.request("POST", "/me/export");
+  }
+
+  /**
+   * Delete the identity and everything it owns; resolves {state: "deleted" | "pending"}
+   * ("pending": it started and finishes by itself). The session ends either way.
+   */
+  async deleteIdentity(password) {
+    const answer = await this.client.request("POST", "/me/delete", { password });
+    this.client._ended("deleted");
+    return answer && answer.state === "pending" ? answer : { state: "deleted" };
   }
 }
 

@@ -5,7 +5,12 @@ import {
   localStore,
   memoryStore,
   VibeError,
+  type Account,
   type Change,
+  type CollectionInfo,
+  type GrantInfo,
+  type SessionInfo,
+  type StorageUsage,
   type Collection,
   type Doc,
   type Identity,
@@ -86,6 +91,27 @@ async function main(): Promise<void> {
   await vibe.logout();
   vibe.destroy();
 }
+
+// A page of the server itself (its dashboard): the first-party session and the account.
+async function dashboard(): Promise<void> {
+  const own = createVibe({ server: location.origin, scopes: [], firstParty: true });
+  if ((await own.init()) !== "logged-in") return own.login({ returnTo: "/dashboard#data" });
+  const account: Account = own.account;
+  const collections: CollectionInfo[] = await account.collections();
+  const sessions: SessionInfo[] = await account.sessions();
+  const grants: GrantInfo[] = await account.grants();
+  console.log(collections[0]?.count, sessions[0]?.current, sessions[0]?.userAgent, grants[0]?.scopes);
+  await account.revokeSession(sessions[0].id);
+  const { revoked } = await account.logoutEverywhereElse();
+  const { revokedSessions } = await account.changePassword("old password", "new password");
+  await account.revokeGrant(grants[0].id);
+  const link = await account.exportLink();
+  const usage: StorageUsage = await own.files.usage();
+  console.log(revoked, revokedSessions, link.url, link.expiresAt, usage.quota ?? "none", usage.used);
+  const deleted = await account.deleteIdentity("password");
+  console.log(deleted.state === "pending" ? deleted.detail : "gone");
+}
+void dashboard;
 
 const agent: VibeAgent = {
   identity: null,
