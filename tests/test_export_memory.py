@@ -60,9 +60,8 @@ def test_export_memory_stays_flat(server: VibedProcess, tmp_path: Path) -> None:
     assert code == 201, body
     token = body["accessToken"]
     for i in range(FILES):
-        code, up = server.call(
-            "POST", "/blob/upload-url", {"mime": "application/octet-stream", "size": FILE_SIZE}, token
-        )
+        declared = {"mime": "application/octet-stream", "size": FILE_SIZE}
+        code, up = server.call("POST", "/blob/upload-url", declared, token)
         assert code == 200, up
         put_bytes(up["url"], up["headers"], FILE_SIZE)
         code, blob = server.call(
