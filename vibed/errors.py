@@ -172,12 +172,24 @@ def _allowed_methods(request: IRequest) -> set[str]:
     return allowed
 
 
+def _not_found_page(request: IRequest) -> bytes | None:
+    """A friendly HTML 404 for a browser navigating to an unknown address (API clients keep
+    problem+json); None when the request is not a navigation."""
+    from vibed.pages import not_found_page, wants_html
+
+    return not_found_page(request) if wants_html(request) else None
+
+
 def install_error_handlers(app: Klein) -> None:
     """Map Problems, routing errors and anything unexpected to problem+json on ``app``."""
 
     # Handlers take *args: a class-based Klein app passes its instance first.
     def _problem(*args: Any) -> bytes:
         request, failure = args[-2], args[-1]
+        if failure.value.status == 404 and failure.value.slug == "not-found":
+            page = _not_found_page(request)
+            if page is not None:
+                return page
         return write_problem(request, failure.value)
 
     def _routing(*args: Any) -> bytes:
@@ -196,6 +208,9 @@ def install_error_handlers(app: Klein) -> None:
                 exc = MethodNotAllowed(valid_methods=sorted(takes))
                 code = 405
         if isinstance(exc, RequestRedirect) or code == 404:
+            page = _not_found_page(request)
+            if page is not None:
+                return page
             problem: Problem = NotFound(
                 "Nothing is served at this path; the API is described at /openapi.json."
             )

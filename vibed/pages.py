@@ -19,14 +19,22 @@ from twisted.web.iweb import IRequest
 from vibed.oauth import AuthorizationRequest, describe_scopes
 
 
-def page_headers(request: IRequest, form_targets: Iterable[str] = ()) -> None:
+def page_headers(
+    request: IRequest,
+    form_targets: Iterable[str] = (),
+    *,
+    scripts: bool = False,
+    connect: Iterable[str] = (),
+) -> None:
     """The security headers of an HTML page; ``form_targets``: origins a form on it may end
-    up at (the consent form redirects to the app, and CSP's form-action covers redirects)."""
+    up at (the consent form redirects to the app, and CSP's form-action covers redirects).
+    ``scripts``: the page loads module scripts from this origin (never inline ones);
+    ``connect``: origins its scripts may fetch from besides its own (a WebSocket, S3)."""
     targets = " ".join(["'self'", *form_targets])
-    csp = (
-        "default-src 'none'; style-src 'self'; img-src 'self'; "
-        f"form-action {targets}; frame-ancestors 'none'; base-uri 'none'"
-    )
+    csp = "default-src 'none'; style-src 'self'; img-src 'self'; "
+    if scripts:
+        csp += "script-src 'self'; " + "connect-src " + " ".join(["'self'", *connect]) + "; "
+    csp += f"form-action {targets}; frame-ancestors 'none'; base-uri 'none'"
     request.setHeader(b"Content-Security-Policy", csp.encode("ascii"))
     request.setHeader(b"X-Frame-Options", b"DENY")
     request.setHeader(b"Referrer-Policy", b"same-origin")
@@ -42,7 +50,8 @@ def _page(title: str, body: str) -> bytes:
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{escape(title)} · Vibe Cloud</title>"
         '<link rel="stylesheet" href="/static/vibe.css"></head>\n'
-        f'<body><main><p class="brand">Vibe Cloud</p>\n{body}\n</main></body></html>\n'
+        '<body><main><p class="brand"><a href="/">Vibe Cloud</a></p>\n'
+        f"{body}\n</main></body></html>\n"
     ).encode()
 
 
@@ -64,6 +73,27 @@ def message_page(request: IRequest, title: str, message: str, status: int = 400)
     """A page that says what went wrong, in words a person can act on."""
     body = f"<h1>{escape(title)}</h1><p>{escape(message)}</p>"
     return render(request, title, body, status)
+
+
+def wants_html(request: IRequest) -> bool:
+    """Whether ``request`` is a browser navigation (it asks for HTML by name): it gets pages,
+    where API clients (``*/*``, JSON) get problem+json."""
+    accept = (request.getHeader(b"accept") or b"").lower()
+    return request.method in (b"GET", b"HEAD") and b"text/html" in accept
+
+
+def not_found_page(request: IRequest) -> bytes:
+    """The 404 a person sees for an address where nothing is."""
+    body = (
+        "<h1>Nothing here</h1>"
+        "<p>There is no page at this address. It may have moved, or the link may be "
+        "mistyped.</p>"
+        '<div class="actions"><a class="button primary" href="/dashboard">Your dashboard</a>'
+        '<a class="button" href="/">Home page</a></div>'
+        '<p class="note">Building an app? The API is described at '
+        '<a href="/openapi.json">/openapi.json</a>.</p>'
+    )
+    return render(request, "Page not found", body, 404)
 
 
 def login_page(
@@ -88,11 +118,13 @@ def login_page(
     )
     problem = f'<p class="error" role="alert">{escape(error)}</p>' if error else ""
     password_hint = (
-        '<p class="note">At least 8 characters. It also protects your key: nobody, not even '
-        "the server, can recover your data key without it.</p>"
+        '<p class="note" id="password-rules">At least 8 characters (a few unrelated words make '
+        "a strong one). It also locks your personal key: nobody, not even this server, can "
+        "recover it without your password.</p>"
         if signup
         else ""
     )
+    described = ' aria-describedby="password-rules"' if signup else ""
     autocomplete = "new-password" if signup else "current-password"
     body = (
         f"<h1>{title}</h1>{problem}"
@@ -103,7 +135,7 @@ def login_page(
         f'value="{escape(email)}">'
         '<label for="password">Password</label>'
         '<input id="password" name="password" type="password" required '
-        f'minlength="{8 if signup else 1}" '
+        f'minlength="{8 if signup else 1}" maxlength="1024"{described} '
         f'autocomplete="{autocomplete}">'
         + password_hint
         + f'<div class="actions"><button class="primary" type="submit">{title}</button></div>'

@@ -19,12 +19,13 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from agent_bridge.api import AgentBridge
-from vibed.api.apps import AppsAPI, make_apps
+from vibed.api.apps import AppsAPI, make_apps, web_dir
 from vibed.api.auth import AuthAPI
 from vibed.api.data import make_data_api
 from vibed.api.direct import DirectRoutes
 from vibed.api.me import make_me
 from vibed.api.root import VibeAPI
+from vibed.api.site import make_site
 from vibed.blobs import make_blobs
 from vibed.bootstrap import BootstrapService, PurgeService
 from vibed.config import Config, ConfigError
@@ -200,6 +201,7 @@ def build(
         apps=apps,
         agent=AgentBridge(auth=auth, nonces=nonces, grants=apps.grants, authority=apps.authority),
         me_api=me,
+        site=make_site(config, web_dir(), blobs.api.blobs.store),
         worker=config.extra.get("worker"),
     )
     return Components(

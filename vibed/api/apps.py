@@ -26,6 +26,7 @@ the session and to every parameter of the request being approved; POSTs from ano
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import mimetypes
 import secrets
@@ -111,7 +112,7 @@ def form_params(request: IRequest) -> tuple[dict[str, str], set[str]]:
 
 
 def _safe_next(value: str | None) -> str:
-    """A same-origin path to go on to after logging in ('/' otherwise)."""
+    """A same-origin path to go on to after logging in (the dashboard otherwise)."""
     if (
         not value
         or not value.startswith("/")
@@ -120,8 +121,30 @@ def _safe_next(value: str | None) -> str:
         or any(ord(c) < 0x21 or ord(c) == 0x7F for c in value)
         or len(value) > 4096
     ):
-        return "/"
+        return "/dashboard"
     return value
+
+
+def _duration(seconds: int) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 1)} seconds"
+    return f"about {round(seconds / 60)} minutes"
+
+
+def _in_words(problem: Problem, signup: bool) -> str:
+    """What the log-in and sign-up pages say about a refused attempt."""
+    detail = problem.detail or problem.title
+    if problem.slug == "email-taken":
+        return "An account with this email already exists. Log in instead, or use another email."
+    if "'email'" in detail:
+        return "Enter a valid email address, like name@example.org."
+    if "'password'" in detail:
+        return (
+            "Your password needs at least 8 characters (and at most 1024)."
+            if signup
+            else "Enter your password."
+        )
+    return detail
 
 
 def _redirect(request: IRequest, url: str) -> bytes:
@@ -146,10 +169,14 @@ def _oauth_json(request: IRequest, error: OAuthError) -> bytes:
 
 @define
 class StaticFiles:
-    """Files under a directory, read at start, served with an ETag (the SDK, styles)."""
+    """Files under a directory, read at start, served with an ETag (the SDK, page scripts and
+    styles); text files also gzipped once at start, for clients that accept it."""
 
     root: Path
     files: dict[str, tuple[bytes, bytes, bytes]] = field(factory=dict)
+    #: name -> (gzipped bytes, their ETag), for files that shrink
+    gzipped: dict[str, tuple[bytes, bytes]] = field(factory=dict)
+    cache_control: bytes = b"public, max-age=300"
 
     TYPES = {
         ".js": b"text/javascript; charset=utf-8",
@@ -161,13 +188,16 @@ class StaticFiles:
         ".svg": b"image/svg+xml",
         ".png": b"image/png",
     }
+    COMPRESSIBLE = (b"text/", b"application/json", b"image/svg+xml")
 
     @classmethod
-    def load(cls, root: Path) -> StaticFiles:
-        found = cls(root)
+    def load(cls, root: Path, cache_control: bytes = b"public, max-age=300") -> StaticFiles:
+        found = cls(root, cache_control=cache_control)
         if root.is_dir():
             for path in sorted(root.rglob("*")):
                 if not path.is_file() or "node_modules" in path.parts:
+                    continue
+                if path.name.startswith(("__init__", ".")) or path.suffix == ".pyc":
                     continue
                 ctype = cls.TYPES.get(path.suffix)
                 if ctype is None:
@@ -177,12 +207,18 @@ class StaticFiles:
                     ctype = guessed.encode("ascii")
                 data = path.read_bytes()
                 etag = b'"' + hashlib.sha256(data).hexdigest()[:32].encode("ascii") + b'"'
-                found.files[path.relative_to(root).as_posix()] = (data, ctype, etag)
+                name = path.relative_to(root).as_posix()
+                found.files[name] = (data, ctype, etag)
+                if ctype.startswith(cls.COMPRESSIBLE) and len(data) > 512:
+                    packed = gzip.compress(data, 9, mtime=0)
+                    if len(packed) < len(data) * 0.9:
+                        found.gzipped[name] = (packed, etag[:-1] + b'-gz"')
         return found
 
     def merged(self, prefix: str, other: StaticFiles) -> StaticFiles:
         """These files plus ``other``'s under ``prefix``."""
         self.files.update({prefix + name: entry for name, entry in other.files.items()})
+        self.gzipped.update({prefix + name: entry for name, entry in other.gzipped.items()})
         return self
 
     def serve(self, request: IRequest, name: str) -> bytes:
@@ -190,9 +226,16 @@ class StaticFiles:
         if entry is None:
             raise NotFound("No such file.")
         data, ctype, etag = entry
+        packed = self.gzipped.get(name)
+        if packed is not None:
+            request.setHeader(b"Vary", b"Accept-Encoding")
+            accepted = (request.getHeader(b"accept-encoding") or b"").lower()
+            if b"gzip" in accepted:
+                data, etag = packed
+                request.setHeader(b"Content-Encoding", b"gzip")
         request.setHeader(b"Content-Type", ctype)
         request.setHeader(b"ETag", etag)
-        request.setHeader(b"Cache-Control", b"public, max-age=300")
+        request.setHeader(b"Cache-Control", self.cache_control)
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         if request.getHeader(b"if-none-match") == etag:
             request.setResponseCode(304)
@@ -315,9 +358,16 @@ class AppsAPI:
                     return again("Enter your password.", 400)
                 doc = await self.auth.password_login(request, email, password)
         except ServiceUnavailable:
-            return again("The server cannot reach its database right now; try again.", 503)
+            return again(
+                "The server cannot reach its database right now. Wait a moment, then try again.",
+                503,
+            )
+        except TooManyRequests as e:
+            wait = int(e.extra.get("retryAfter", 60))
+            request.setHeader(b"Retry-After", str(wait).encode("ascii"))
+            return again(f"Too many attempts. Wait {_duration(wait)}, then try again.", 429)
         except Problem as e:
-            return again(e.detail or e.title, e.status)
+            return again(_in_words(e, signup), e.status)
         rotation = await self.auth.start_session(request, doc["_id"])
         self.set_session(request, rotation.family)
         return _redirect(request, next_url)
@@ -836,5 +886,6 @@ def make_apps(
         grants=grants,
         signer=Signer(issuer.derived_secret(b"vibed browser forms v1"), clock=clock),
         sdk=StaticFiles.load(web / "sdk").merged("react/", StaticFiles.load(web / "react")),
-        static=StaticFiles.load(web / "static"),
+        # Page scripts and styles change with the daemon: revalidated (ETag) on every load.
+        static=StaticFiles.load(web / "static", cache_control=b"no-cache"),
     )

@@ -28,6 +28,7 @@ from .data import DataAPI
 from .http import authenticate, json_response
 from .me import MeAPI
 from .openapi import openapi_document
+from .site import SitePages
 
 
 class AnyPath(PathConverter):
@@ -38,14 +39,6 @@ class AnyPath(PathConverter):
 
 # Each mounted surface: prefix -> attribute of VibeAPI holding it (the OpenAPI test reads this).
 MOUNTS = {"/auth": "auth", "/data": "data", "/blob": "blob"}
-
-LANDING = b"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Vibe Cloud</title></head>
-<body><h1>Vibe Cloud</h1>
-<p>This server is running. Create your account with <code>POST /auth/signup</code>,
-log in with <code>POST /auth/login</code>; the API is described at
-<a href="/openapi.json">/openapi.json</a>.</p></body></html>
-"""
 
 
 @define(slots=False)
@@ -63,6 +56,7 @@ class VibeAPI:
     apps: AppsAPI
     agent: AgentBridge
     me_api: MeAPI
+    site: SitePages
     #: Which of ``--workers`` processes this is (None: the only one); /healthz says it.
     worker: int | None = None
 
@@ -78,8 +72,11 @@ class VibeAPI:
 
     @app.route("/", methods=["GET"])
     def landing(self, request: IRequest) -> bytes:
-        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        return LANDING
+        return self.site.landing(request)
+
+    @app.route("/dashboard", methods=["GET"])
+    def dashboard(self, request: IRequest) -> bytes:
+        return self.site.dashboard(request)
 
     # -- apps: OAuth, pages, grants, the SDK (vibed/api/apps.py) --------------------------------
 

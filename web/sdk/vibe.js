@@ -104,7 +104,10 @@ class VibeClient {
       // Tabs of the server's own pages share the login: a logout in one ends them all.
       this.channel = new BroadcastChannel(`vibe:${this.server}`);
       this.channel.onmessage = (event) => {
-        if (event.data && event.data.type === "ended" && this.session) this._ended(event.data.reason, false);
+        if (!event.data || event.data.type !== "ended") return;
+        if (this.session) this._ended(event.data.reason, false);
+        // Already ended here (its socket was closed first): still say why, once known.
+        else this._emit("state", this.state, { reason: event.data.reason });
       };
     }
     this._onStorage = (event) => {
@@ -357,7 +360,7 @@ class VibeClient {
   }
 
   _ended(reason, tell = true) {
-    if (tell && this.channel && this.session) this.channel.postMessage({ type: "ended", reason });
+    if (tell && this.channel) this.channel.postMessage({ type: "ended", reason });
     clearTimeout(this.refreshTimer);
     this.refreshTimer = null;
     this.session = null;
