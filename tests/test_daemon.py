@@ -34,10 +34,12 @@ def _twistd(
 
 
 @pytest.mark.slow
-def test_non_editable_install_ships_and_finds_the_plugin(tmp_path: Path) -> None:
+@pytest.mark.parametrize("couch_engine", ["pouchdb"], indirect=True)
+def test_non_editable_install_ships_and_finds_the_plugin(tmp_path: Path, couch_url: str) -> None:
     """A wheel built from the repo contains twisted/plugins/vibed_plugin.py (no __init__.py
     there), and after a non-editable install into a fresh venv `twistd --help` lists vibed and
-    `twistd vibed --help` lists every option."""
+    `twistd vibed --help` lists every option; the installed daemon serves the pages (landing,
+    dashboard, its script and styles, gzipped with an ETag, and the browser 404)."""
     wheels = tmp_path / "wheels"
     subprocess.run(
         [str(VENV_BIN / "pip"), "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
@@ -49,7 +51,15 @@ def test_non_editable_install_ships_and_finds_the_plugin(tmp_path: Path) -> None
     assert "twisted/plugins/vibed_plugin.py" in names
     assert "twisted/plugins/__init__.py" not in names
     # The browser SDK, the React hooks and the pages' styles ship in the wheel (vibed_web).
-    for name in ("sdk/vibe.js", "sdk/vibe.d.ts", "react/index.js", "static/vibe.css"):
+    for name in (
+        "sdk/vibe.js",
+        "sdk/vibe.d.ts",
+        "react/index.js",
+        "static/vibe.css",
+        "static/dashboard.js",
+        "pages/index.html",
+        "pages/dashboard.html",
+    ):
         assert f"vibed_web/{name}" in names
     # The agent's routes (the daemon mounts them) ship too.
     assert "agent_bridge/api.py" in names and "agent_bridge/protocol.py" in names
@@ -144,6 +154,89 @@ def test_non_editable_install_ships_and_finds_the_plugin(tmp_path: Path) -> None
         cwd=tmp_path,
     )
     assert str(venv) in where.stdout and str(ROOT / "vibed") not in where.stdout
+    _serves_pages_from(venv, tmp_path, env, couch_url)
+
+
+def _fetch_page(
+    url: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def _serves_pages_from(venv: Path, tmp_path: Path, env: dict[str, str], couch_url: str) -> None:
+    """`twistd vibed` of the installed wheel answers the site's pages and assets."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "wheel-vibed.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            str(venv / "bin" / "twistd"),
+            "-n",
+            "--pidfile=",
+            "vibed",
+            "--port",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--couchdb",
+            couch_url,
+            "--data-dir",
+            str(tmp_path / "wheel-data"),
+            "--public-url",
+            base,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _up(base) or _fetch_page(base + "/readyz")[0] != 200:
+            assert proc.poll() is None, (tmp_path / "wheel-vibed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the installed vibed did not get ready"
+            time.sleep(0.2)
+        code, headers, body = _fetch_page(base + "/")
+        assert code == 200 and b"Create your account" in body
+        assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+        code, headers, body = _fetch_page(base + "/dashboard")
+        assert code == 200 and b"/static/dashboard.js" in body
+        assert "script-src 'self'" in headers["Content-Security-Policy"]
+        code, headers, body = _fetch_page(
+            base + "/static/dashboard.js", {"Accept-Encoding": "gzip"}
+        )
+        assert code == 200 and headers["Content-Encoding"] == "gzip"
+        assert headers["Content-Type"] == "text/javascript; charset=utf-8" and headers["ETag"]
+        again = _fetch_page(
+            base + "/static/dashboard.js",
+            {"If-None-Match": headers["ETag"], "Accept-Encoding": "gzip"},
+        )
+        assert again[0] == 304
+        assert _fetch_page(base + "/static/vibe.css")[0] == 200
+        code, headers, body = _fetch_page(base + "/no-such-page", {"Accept": "text/html"})
+        assert code == 404 and headers["Content-Type"].startswith("text/html")
+        code, headers, _ = _fetch_page(base + "/no-such-page", {"Accept": "application/json"})
+        assert code == 404 and headers["Content-Type"] == "application/problem+json"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _up(base: str) -> bool:
+    try:
+        urllib.request.urlopen(base + "/healthz", timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize(

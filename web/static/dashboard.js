@@ -106,9 +106,10 @@ let leaveCurrent = null;
 function route(focus) {
   const [head, ...rest] = location.hash.replace(/^#/, "").split("/");
   const view = VIEWS.includes(head) ? head : "identity";
-  if (leaveCurrent && currentView !== view) {
-    leaveCurrent();
+  if (currentView !== view) {
+    if (leaveCurrent) leaveCurrent();
     leaveCurrent = null;
+    say($("banner"), ""); // a message belongs to the view it was said in
   }
   currentView = view;
   for (const name of ["loading", ...VIEWS]) show($(`view-${name}`), name === view);
@@ -855,6 +856,7 @@ function sessionCard(session) {
 
 enter.sessions = async () => {
   const sessions = await vibe.account.sessions();
+  sessions.sort((a, b) => Number(b.current) - Number(a.current)); // this browser first
   $("sessions").replaceChildren(...sessions.map(sessionCard));
   $("logout-others").disabled = sessions.every((s) => s.current);
 };
