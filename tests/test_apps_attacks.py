@@ -309,7 +309,7 @@ async def test_login_form_csrf_and_open_redirect(vibed: Vibed) -> None:
     for target in ("//evil.example/", "https://evil.example/", "/\\evil.example", "javascript:x"):
         browser = Browser(vibed)
         resp = await browser.login(email, next_url=target)
-        assert resp.code == 303 and resp.header("location") == "/", target
+        assert resp.code == 303 and resp.header("location") == "/dashboard", target
 
 
 @pytest_twisted.ensureDeferred

@@ -46,9 +46,9 @@ def openapi_document(
     doc = _core_document(public_url)
     from agent_bridge import api as agent
 
-    from . import apps, blob, data, me
+    from . import apps, blob, data, me, site
 
-    for surface in (data, blob, apps, agent, me):
+    for surface in (data, blob, apps, agent, me, site):
         doc["paths"].update(copy.deepcopy(surface.OPENAPI_PATHS))
         doc["components"]["schemas"].update(copy.deepcopy(surface.OPENAPI_SCHEMAS))
     upload = doc["components"]["schemas"]["UploadRequest"]["properties"]
@@ -87,9 +87,11 @@ def _core_document(public_url: str) -> dict[str, Any]:
         "paths": {
             "/": {
                 "get": {
-                    "summary": "Landing page",
+                    "summary": "Landing page: what this server is; sign up, log in",
                     "security": [],
-                    "responses": {"200": {"description": "HTML page"}},
+                    "responses": {
+                        "200": {"description": "HTML page", "content": {"text/html": {}}}
+                    },
                 }
             },
             "/healthz": {

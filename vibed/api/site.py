@@ -80,3 +80,15 @@ def make_site(config: Config, web: Path, blob_store: object) -> SitePages:
     if callable(bucket_url):
         store_origin = _origin(bucket_url(getattr(blob_store, "public_endpoint", None)))
     return SitePages(config=config, root=web / "pages", store_origin=store_origin)
+
+
+OPENAPI_PATHS = {
+    "/dashboard": {
+        "get": {
+            "summary": "The person's dashboard (an HTML page; its script uses this API)",
+            "security": [],
+            "responses": {"200": {"description": "HTML page", "content": {"text/html": {}}}},
+        }
+    },
+}
+OPENAPI_SCHEMAS: dict[str, object] = {}
