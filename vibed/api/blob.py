@@ -33,7 +33,7 @@ class BlobIdSegment(BaseConverter):
     ``DELETE /blob/upload-url`` is a 405 of that route (with an honest ``Allow``) rather than
     a malformed blob id (ids are checked, with a clear message, by the handlers)."""
 
-    regex = r"(?!upload-url$|finalize-upload$|download-url$|local$)[^/]+"
+    regex = r"(?!upload-url$|finalize-upload$|download-url$|local$|usage$)[^/]+"
 
 
 @define(slots=False)
