@@ -25,11 +25,14 @@ def page_headers(
     *,
     scripts: bool = False,
     connect: Iterable[str] = (),
+    referrer: bytes = b"same-origin",
 ) -> None:
     """The security headers of an HTML page; ``form_targets``: origins a form on it may end
     up at (the consent form redirects to the app, and CSP's form-action covers redirects).
     ``scripts``: the page loads module scripts from this origin (never inline ones);
-    ``connect``: origins its scripts may fetch from besides its own (a WebSocket, S3)."""
+    ``connect``: origins its scripts may fetch from besides its own (a WebSocket, S3).
+    ``referrer``: ``same-origin`` for pages with forms (a form POST under ``no-referrer``
+    carries ``Origin: null``, which the forms' check refuses), ``no-referrer`` otherwise."""
     targets = " ".join(["'self'", *form_targets])
     csp = "default-src 'none'; style-src 'self'; img-src 'self'; "
     if scripts:
@@ -37,7 +40,7 @@ def page_headers(
     csp += f"form-action {targets}; frame-ancestors 'none'; base-uri 'none'"
     request.setHeader(b"Content-Security-Policy", csp.encode("ascii"))
     request.setHeader(b"X-Frame-Options", b"DENY")
-    request.setHeader(b"Referrer-Policy", b"same-origin")
+    request.setHeader(b"Referrer-Policy", referrer)
     request.setHeader(b"X-Content-Type-Options", b"nosniff")
     request.setHeader(b"Cache-Control", b"no-store")
     request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
@@ -62,10 +65,15 @@ def _hidden(fields: dict[str, str]) -> str:
 
 
 def render(
-    request: IRequest, title: str, body: str, status: int = 200, form_targets: Iterable[str] = ()
+    request: IRequest,
+    title: str,
+    body: str,
+    status: int = 200,
+    form_targets: Iterable[str] = (),
+    referrer: bytes = b"same-origin",
 ) -> bytes:
     request.setResponseCode(status)
-    page_headers(request, form_targets)
+    page_headers(request, form_targets, referrer=referrer)
     return _page(title, body)
 
 
@@ -93,7 +101,7 @@ def not_found_page(request: IRequest) -> bytes:
         '<p class="note">Building an app? The API is described at '
         '<a href="/openapi.json">/openapi.json</a>.</p>'
     )
-    return render(request, "Page not found", body, 404)
+    return render(request, "Page not found", body, 404, referrer=b"no-referrer")
 
 
 def login_page(

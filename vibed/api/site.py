@@ -54,7 +54,7 @@ class SitePages:
         return text
 
     def landing(self, request: IRequest) -> bytes:
-        page_headers(request)
+        page_headers(request, referrer=b"no-referrer")
         html = self._page("index.html").replace("{{PUBLIC_URL}}", escape(self.config.public_url))
         raw = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
         params = parse_qs(raw.decode("ascii", "replace"))
@@ -68,7 +68,7 @@ class SitePages:
     def dashboard(self, request: IRequest) -> bytes:
         socket = _origin(self.config.public_url).replace("http", "ws", 1)
         connect = [socket] + ([self.store_origin] if self.store_origin else [])
-        page_headers(request, scripts=True, connect=connect)
+        page_headers(request, scripts=True, connect=connect, referrer=b"no-referrer")
         request.setHeader(b"Cross-Origin-Opener-Policy", b"same-origin")
         return self._page("dashboard.html").encode("utf-8")
 
