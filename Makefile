@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 PIP     = $(BIN)/pip
 PORT   ?= tcp:3000
 
-.PHONY: run test install install-run lint typecheck pytest bench clean lock browser
+.PHONY: run test install install-run lint typecheck pytest bench clean lock browser agent
 .PHONY: image test-infra infra-tools lock-infra
 
 # The browser tests drive Debian's chromium through Playwright's executable_path (Playwright
@@ -59,6 +59,11 @@ browser:
 	    echo "make: $(CHROMIUM) is missing (apt-get install chromium): browser tests will skip"; \
 	    test -z "$$CI"; \
 	  fi; }
+
+# The vibe agent (agent_bridge/extension): build/agent/vibe-agent/ to load unpacked, and
+# build/agent/vibe-agent-<version>.zip (docs/agent.md). Needs only the pinned npm packages.
+agent: node_modules/.installed
+	$(PYTHON) -m agent_bridge.build --out build/agent
 
 run: install-run
 	$(BIN)/twistd -n vibed --port $(PORT)
