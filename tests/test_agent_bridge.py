@@ -366,3 +366,33 @@ async def test_bad_grant_requests_are_400(vibed: Vibed) -> None:
         assert assert_problem(refused, 400).get("detail"), body
     assert (await vibed.request("GET", "/me/grants", token=token)).json()["grants"] == []
     assert_problem(await vibed.request("POST", "/agent/grants/zz/tokens", token=token), 404)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_grant_is_gone_once_its_revocation_is_known(vibed: Vibed) -> None:
+    """Revoking writes the revocation before deleting the grant's document, and sockets close
+    (4004) as soon as a replica learns the revocation: from that moment a refresh, the agent's
+    token route and the covering-grant lookup treat the grant as gone, even while its document
+    still exists; a DELETE then still finishes the job."""
+    from oauth_client import post_form
+
+    _, token, _ = await _agent(vibed)
+    origin = "https://app.example"
+    ask = {"origin": origin, "scopes": ["data:write:notes"]}
+    made = (await vibed.request("POST", "/agent/grants", ask, token=token)).json()
+    gid = made["grant"]["id"]
+    await vibed.parts.revocations.revoke_grant(gid)  # the first half of a revoke
+    refresh = {
+        "grant_type": "refresh_token",
+        "refresh_token": made["tokens"]["refresh_token"],
+        "client_id": origin,
+    }
+    refused = await post_form(vibed, "/auth/token", refresh)
+    assert refused.code == 400 and refused.json()["error"] == "invalid_grant"
+    gone = await vibed.request("POST", f"/agent/grants/{gid}/tokens", token=token)
+    assert_problem(gone, 404)
+    assert (await vibed.request("GET", "/me/grants", token=token)).json()["grants"] == []
+    anew = await vibed.request("POST", "/agent/grants", ask, token=token)
+    assert anew.code == 201 and anew.json()["grant"]["id"] != gid
+    assert (await vibed.request("DELETE", f"/me/grants/{gid}", token=token)).code == 204
+    assert (await vibed.request("DELETE", f"/me/grants/{gid}", token=token)).code == 404

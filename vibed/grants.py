@@ -121,8 +121,12 @@ class GrantStore:
         _log.info("Grant {gid} to {origin} by {idn}", gid=gid, origin=origin, idn=idn)
         return Grant.from_doc(idn, doc)
 
+    def _revoked(self, gid: str) -> bool:
+        # Revoked but perhaps not deleted yet (revoke() writes the revocation first).
+        return self.revocations is not None and self.revocations.grant_revoked(gid)
+
     async def get(self, idn: str, gid: str) -> Grant | None:
-        if not isinstance(gid, str) or GID_RE.match(gid) is None:
+        if not isinstance(gid, str) or GID_RE.match(gid) is None or self._revoked(gid):
             return None
         try:
             doc = await self._db(idn).get(PREFIX + gid)
@@ -140,6 +144,7 @@ class GrantStore:
             for row in page.get("rows", [])
             if isinstance(row.get("doc"), dict)
         ]
+        grants = [g for g in grants if not self._revoked(g.id)]
         return sorted(grants, key=lambda g: (g.created_at, g.id), reverse=True)
 
     async def find_covering(self, idn: str, origin: str, scopes: tuple[str, ...]) -> Grant | None:
@@ -151,8 +156,13 @@ class GrantStore:
 
     async def revoke(self, idn: str, gid: str) -> bool:
         """Delete the grant; its access tokens stop on every replica. False if unknown."""
-        grant = await self.get(idn, gid)
-        if grant is None:
+        if not isinstance(gid, str) or GID_RE.match(gid) is None:
+            return False
+        try:
+            # Read it even if its revocation is known: a revoke that failed half-way (the
+            # revocation written, the document not deleted) is finished by the next one.
+            grant = Grant.from_doc(idn, await self._db(idn).get(PREFIX + gid))
+        except CouchNotFound:
             return False
         if self.revocations is not None:
             await self.revocations.revoke_grant(gid)

@@ -229,6 +229,14 @@ class RevocationList(Service):
                 return True
         return False
 
+    def grant_revoked(self, gid: str) -> bool:
+        """Whether grant ``gid`` is known here to be revoked. A grant's document is deleted
+        just after its revocation is written, so a replica may see the revocation (and close
+        the grant's sockets) while the document still exists: who reads a grant asks this too.
+        """
+        entry = self._revoked.get(f"gid:{gid}")
+        return entry is not None and entry[0] >= self.clock()
+
     def revoked_keys(self) -> set[str]:
         """The live revocations as "kind:value" (for tests and diagnostics)."""
         now = self.clock()

@@ -134,11 +134,15 @@ function saveAppTokens(identity, origin, tokens) {
   });
 }
 
-/** The app token of ``origin`` (renewed before it expires), or null once its grant is gone. */
-function appToken(identity, origin, site) {
+/**
+ * The app token of ``origin`` (renewed before it expires), or null once its grant is gone.
+ * ``force``: the server refused the token held (or closed the page's socket): renew it now,
+ * which is also how the agent learns that the person revoked the grant.
+ */
+function appToken(identity, origin, site, { force = false } = {}) {
   return once(appKey(identity.ref, origin), async () => {
     const held = await session.get(appKey(identity.ref, origin));
-    if (held && held.expiresAt - Date.now() > MARGIN) return held.accessToken;
+    if (held && !force && held.expiresAt - Date.now() > MARGIN) return held.accessToken;
     const server = new Server(identity.server);
     let tokens = null;
     if (held && held.refreshToken) tokens = await server.refresh(origin, held.refreshToken);
@@ -394,10 +398,11 @@ const page = {
     return { identity: pageIdentity(identity) };
   },
 
-  async getToken(origin) {
+  async getToken(origin, payload) {
     const found = connectedIdentity(await load(), origin);
     if (!found) return null;
-    return appToken(found.identity, origin, found.site);
+    const force = Boolean(payload && payload.force);
+    return appToken(found.identity, origin, found.site, { force });
   },
 
   async disconnect(origin) {

@@ -39,7 +39,8 @@ export interface VibeAgentError extends Error {
 export interface VibeAgent {
   connect(options: VibeAgentConnectOptions): Promise<{ identity?: Identity | null } | void>;
   readonly identity: Identity | null;
-  getToken(): Promise<string | null>;
+  /** force: renew now (the server refused the last token); null once access is gone. */
+  getToken(options?: { force?: boolean }): Promise<string | null>;
   disconnect(): Promise<void>;
   on?(event: "identity" | "disconnect", listener: (...args: any[]) => void): unknown;
   addEventListener?(event: "identity" | "disconnect", listener: (...args: any[]) => void): void;

@@ -93,7 +93,11 @@ class VibeClient {
     this.realtime = new Realtime({
       url: this.server.replace(/^http/, "ws") + "/realtime",
       getToken: (force) => this.token({ force }),
-      onRevoked: () => this._ended("revoked"),
+      onRevoked: () => {
+        // Through the agent: let it learn too (its renewal fails, it forgets the site).
+        if (this.agent) this.agent.getToken({ force: true }).catch(() => {});
+        this._ended("revoked");
+      },
       onStatus: (status) => this._emit("realtime", status),
       WebSocket: options.WebSocket,
     });
@@ -415,7 +419,7 @@ class VibeClient {
    * adopts the token another tab has just obtained instead of rotating it again.
    */
   async token({ force = false } = {}) {
-    if (this.agent) return this.agent.getToken();
+    if (this.agent) return this.agent.getToken(force ? { force: true } : undefined);
     if (this.firstParty) return this._firstPartyToken(force);
     if (!this.session) return null;
     if (!force && this.session.expiresAt - Date.now() > REFRESH_MARGIN) {
@@ -524,7 +528,8 @@ class VibeClient {
    */
   async request(method, path, body, options = {}) {
     for (let attempt = 0; ; attempt += 1) {
-      const token = await this.token({ force: attempt > 0 });
+      // Through the agent, the retry's token is the one its forced renewal just made.
+      const token = await this.token({ force: attempt > 0 && !this.agent });
       if (!token) throw new VibeError("Not logged in.", { status: 401, type: "not-logged-in" });
       const headers = { Authorization: `Bearer ${token}`, ...(options.headers || {}) };
       let payload;
@@ -543,7 +548,14 @@ class VibeClient {
       } catch (cause) {
         throw new VibeError("The server cannot be reached.", { cause });
       }
-      if (response.status === 401 && attempt === 0 && !this.agent) {
+      if (response.status === 401 && attempt === 0 && this.agent) {
+        // The agent renews the app's token (or learns that its grant was revoked).
+        if (await this.agent.getToken({ force: true })) continue;
+        const error = await errorFrom(response);
+        this._ended("revoked");
+        throw error;
+      }
+      if (response.status === 401 && attempt === 0) {
         try {
           await this.token({ force: true });
         } catch (error) {

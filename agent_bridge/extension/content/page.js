@@ -79,9 +79,13 @@
       if (identity && (!before || before.id !== identity.id)) emit("identity", identity);
       return { identity };
     },
-    /** An access token for this page's app session (renewed by the agent), or null. */
-    getToken() {
-      return call("getToken", {});
+    /**
+     * An access token for this page's app session (renewed by the agent before it expires),
+     * or null when not connected. {force: true}: renew now (the server refused the last one);
+     * null, and a "disconnect" event, when the person revoked the access.
+     */
+    getToken(options = {}) {
+      return call("getToken", { force: Boolean(options && options.force) });
     },
     /** End this page's app session; the person's approval stays (connect() comes back silently). */
     async disconnect() {

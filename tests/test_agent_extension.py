@@ -1,0 +1,357 @@
+"""The vibe agent extension, built by ``make agent``'s builder and loaded unpacked into Debian's
+chromium (Playwright, a persistent profile, ``--disable-extensions-except`` and
+``--load-extension``, headless), against a real ``twistd vibed`` (issue 10, section 4).
+
+What this chromium allows, found here: the extension loads in headless mode (Playwright's
+``headless=True`` is the new headless of Chromium >= 132, the same as ``--headless=new``);
+``--load-extension`` alone loads nothing, because Playwright passes ``--disable-extensions``
+unless ``--disable-extensions-except`` names the extension. The toolbar popup cannot be
+clicked headless, so the tests open ``popup.html`` in a tab; the consent window is a real
+``chrome.windows.create`` popup window, which Playwright sees as a new page.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    PASSWORD,
+    ROOT,
+    StaticSite,
+    VibedProcess,
+    free_port,
+    need_browser,
+    shot,
+    until,
+)
+from conftest import PouchServer
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def sync_api() -> Any:
+    return need_browser()
+
+
+@pytest.fixture(scope="module")
+def extension(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The unpacked extension, built as ``make agent`` builds it."""
+    from agent_bridge.build import build
+
+    unpacked, archive = build(tmp_path_factory.mktemp("agent"))
+    assert archive.stat().st_size > 0
+    return unpacked
+
+
+@pytest.fixture(scope="module")
+def couch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PouchServer]:
+    # The server side is tested on both engines (test_agent_bridge.py); the extension's
+    # tests, which cost a browser each, run once, on the embedded default.
+    pouch = PouchServer(tmp_path_factory.mktemp("agent-pouchdb"))
+    pouch.start()
+    yield pouch
+    pouch.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, couch: PouchServer) -> Iterator[VibedProcess]:
+    vibed = VibedProcess(tmp_path_factory.mktemp("agent-vibed"), couch.url)
+    yield vibed
+    vibed.stop()
+
+
+@pytest.fixture(scope="module")
+def notes_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StaticSite]:
+    site = StaticSite(
+        ROOT / "web" / "examples" / "notes", tmp_path_factory.mktemp("notes") / "http.log"
+    )
+    yield site
+    site.stop()
+
+
+ATTACK_PAGE = """<!doctype html>
+<meta charset="utf-8"><title>Not an attack, honest</title>
+<button id="go">Go</button>
+<script>
+  // Everything the page sees on its window, including the agent's relay traffic.
+  window.seen = [];
+  addEventListener("message", (e) => window.seen.push(JSON.stringify(e.data)));
+  // Without a click: the agent must not open its window.
+  window.onload = () => window.vibe.connect({scopes: ["data:*"]}).then(
+    (r) => { window.onloadResult = {ok: r}; },
+    (e) => { window.onloadResult = {code: e.code, message: e.message}; });
+  document.getElementById("go").onclick = () => {
+    window.clicked = window.vibe.connect({scopes: ["data:write:loot"], appName: "Innocent",
+                                          origin: "https://victim.example", prompt: "consent"})
+      .then((r) => ({ok: r}), (e) => ({code: e.code, message: e.message}));
+  };
+  // Talk to the relay as window.vibe does, but with the agent's internal requests.
+  window.relay = (type, payload) => new Promise((resolve) => {
+    const id = "forged-" + Math.random();
+    addEventListener("message", function on(e) {
+      if (e.data && e.data.dir === "to-page" && e.data.id === id) {
+        removeEventListener("message", on); resolve(e.data);
+      }
+    });
+    postMessage({channel: "vibe-agent", dir: "to-agent", id, type, payload}, location.origin);
+  });
+</script>
+"""
+
+
+@pytest.fixture(scope="module")
+def attack_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StaticSite]:
+    root = tmp_path_factory.mktemp("attack")
+    (root / "index.html").write_text(ATTACK_PAGE)
+    site = StaticSite(root, root.parent / "attack-http.log")
+    yield site
+    site.stop()
+
+
+class Agent:
+    """A chromium profile with the extension loaded: its service worker, its pages."""
+
+    def __init__(self, sync_api: Any, extension: Path, profile: Path) -> None:
+        self.playwright = sync_api.sync_playwright().start()
+        self.context = self.playwright.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                *CHROMIUM_ARGS,
+                f"--disable-extensions-except={extension}",
+                f"--load-extension={extension}",
+            ],
+        )
+        workers = self.context.service_workers
+        self.worker = workers[0] if workers else self.context.wait_for_event("serviceworker")
+        self.id = self.worker.url.split("/")[2]
+        self.errors: list[str] = []
+
+    def page(self, url: str) -> Any:
+        page = self.context.new_page()
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.goto(url)
+        return page
+
+    def popup(self) -> Any:
+        page = self.page(f"chrome-extension://{self.id}/popup.html")
+        page.wait_for_selector("#add")
+        return page
+
+    def add(self, server: str, email: str, password: str = PASSWORD) -> Any:
+        """Add an identity in the popup; the popup page, showing the outcome."""
+        popup = self.popup()
+        popup.fill("input[name=server]", server)
+        popup.fill("input[name=email]", email)
+        popup.fill("input[name=password]", password)
+        popup.click("button[type=submit]")
+        popup.wait_for_selector("#messages .message", timeout=60_000)
+        return popup
+
+    def consent(self, click: Any) -> Any:
+        """The consent window that ``click()`` opens."""
+        with self.context.expect_page(timeout=20_000) as opened:
+            click()
+        window = opened.value
+        window.wait_for_selector("#request:not([hidden])")
+        return window
+
+    def decide(self, window: Any, allow: bool) -> None:
+        # The window closes itself on the click.
+        button = "#allow" if allow else "#deny"
+        try:
+            window.click(button, no_wait_after=True)
+        except Exception as e:  # noqa: BLE001 (Playwright's TargetClosedError)
+            if "closed" not in str(e):
+                raise
+        if not window.is_closed():
+            window.wait_for_event("close", timeout=10_000)
+
+    def storage(self) -> dict[str, Any]:
+        """Everything the extension keeps: storage.local, storage.session and, for each key
+        in IndexedDB, what the CryptoKey says of itself and whether it exports."""
+        result: dict[str, Any] = self.worker.evaluate(
+            """async () => {
+              const open = () => new Promise((ok, no) => {
+                const r = indexedDB.open("vibe-agent", 1);
+                r.onsuccess = () => ok(r.result); r.onerror = () => no(r.error);
+              });
+              const db = await open();
+              const keys = await new Promise((ok) => {
+                const out = [];
+                const tx = db.transaction("keys");
+                tx.objectStore("keys").openCursor().onsuccess = (e) => {
+                  const c = e.target.result;
+                  if (c) { out.push([c.key, c.value]); c.continue(); } else ok(out);
+                };
+              });
+              db.close();
+              const described = [];
+              for (const [ref, key] of keys) {
+                let exported = null;
+                try { exported = await crypto.subtle.exportKey("pkcs8", key); }
+                catch (e) { exported = e.name; }
+                described.push({ref, type: key.type, extractable: key.extractable,
+                                algorithm: key.algorithm.name, usages: key.usages,
+                                exported: typeof exported === "string" ? exported : "EXPORTED",
+                                json: JSON.stringify(key)});
+              }
+              return {local: await chrome.storage.local.get(null),
+                      session: await chrome.storage.session.get(null), keys: described};
+            }"""
+        )
+        return result
+
+    def close(self) -> None:
+        self.context.close()
+        self.playwright.stop()
+
+
+@pytest.fixture
+def agent(sync_api: Any, extension: Path, tmp_path: Path) -> Iterator[Agent]:
+    """A fresh profile with the extension installed."""
+    browser = Agent(sync_api, extension, tmp_path / "profile")
+    yield browser
+    browser.close()
+
+
+def note_titles(page: Any) -> list[str]:
+    return [str(t) for t in page.locator("#notes li").all_text_contents()]
+
+
+def server_log(server: VibedProcess) -> str:
+    return server.process.log.read_text()
+
+
+def logins(server: VibedProcess, idn: str) -> list[str]:
+    """How ``idn`` got its first-party tokens, in order: "Password" or "DID challenge"."""
+    pattern = re.compile(r"\] (Password|DID challenge) login: " + re.escape(idn))
+    return pattern.findall(server_log(server))
+
+
+# -- the whole journey ---------------------------------------------------------------------
+
+
+def test_agent_journey_add_connect_write_revoke(
+    agent: Agent, server: VibedProcess, notes_site: StaticSite
+) -> None:
+    """Install the extension, add an identity (password once, then the key: the server sees a
+    DID challenge login for the next token, never the password again), the password and the
+    seed are stored nowhere and the key is a non-extractable Ed25519 CryptoKey; the notes app
+    on another origin logs in through window.vibe with the agent's consent window, writes and
+    reads its collection; the grant is listed with the person's grants (via agent); revoked
+    there, the app is refused within 5 s and the popup says so."""
+    from vibed.keys import b64decode, b64url_encode, derive_wrap_key, unwrap_seed
+
+    email, first_party = server.signup()
+    _, me = server.call("GET", "/me", token=first_party)
+    _, wrapped = server.call("GET", "/me/key", token=first_party)
+    seed = unwrap_seed(wrapped["keyWrapped"], derive_wrap_key(PASSWORD, b64decode(wrapped["salt"])))
+
+    empty = agent.popup()
+    assert empty.is_hidden("#identities-section")
+    shot(empty, "agent-popup-empty")
+    popup = agent.add(server.url, email)
+    assert "Added" in (popup.text_content("#messages") or ""), popup.text_content("#messages")
+    popup.wait_for_selector("li.identity.active")
+    assert me["did"] in (popup.text_content("#identities") or "")
+    shot(popup, "agent-popup-identity")
+    assert logins(server, me["id"]) == ["Password", "DID challenge"]
+
+    kept = agent.storage()
+    dump = json.dumps(kept)
+    for secret in (
+        PASSWORD,
+        wrapped["keyWrapped"],
+        wrapped["salt"],
+        seed.hex(),
+        b64url_encode(seed),
+    ):
+        assert secret not in dump
+    (key,) = kept["keys"]
+    assert key["type"] == "private" and key["algorithm"] == "Ed25519"
+    assert key["extractable"] is False and key["usages"] == ["sign"]
+    assert key["exported"] == "InvalidAccessError" and key["json"] == "{}"
+    assert [i["did"] for i in kept["local"]["identities"]] == [me["did"]]
+
+    app = agent.page(f"{notes_site.origin}/?server={quote(server.url, safe='')}")
+    app.wait_for_selector("#login:not([hidden])")
+    assert app.text_content("#status") == "Logged out"  # init() never opens the agent's window
+    window = agent.consent(lambda: app.click("#login"))
+    assert window.text_content("#origin") == notes_site.origin
+    assert "Notes (example)" in (window.text_content("#name") or "")
+    assert "Read and change your notes" in (window.text_content("#scopes") or "")
+    shot(window, "agent-consent")
+    agent.decide(window, allow=True)
+    app.wait_for_selector("#app:not([hidden])", timeout=20_000)
+    assert app.url.startswith(notes_site.origin)  # no redirect: the agent did it
+    assert me["did"] in (app.text_content("#who") or "")
+    app.fill("#title", "Through the vibe agent")
+    app.click("#new-note button")
+    until(lambda: "Through the vibe agent" in note_titles(app), what="the note is listed")
+    # A second tab of the same app is logged in without asking again.
+    again = agent.page(app.url)
+    again.wait_for_selector("#app:not([hidden])", timeout=20_000)
+    until(lambda: "Through the vibe agent" in note_titles(again), what="the second tab reads")
+    assert logins(server, me["id"]) == ["Password", "DID challenge"]
+
+    _, listed = server.call("GET", "/me/grants", token=first_party)
+    (grant,) = listed["grants"]
+    assert grant["origin"] == notes_site.origin and grant["via"] == "agent"
+    assert grant["scopes"] == ["data:read:notes", "data:write:notes"]
+    assert grant["name"] == "Notes (example)"
+    popup.reload()
+    popup.wait_for_selector("li.site")
+    assert notes_site.origin in (popup.text_content("#sites") or "")
+
+    status, _ = server.call("DELETE", f"/me/grants/{grant['id']}", token=first_party)
+    assert status == 204
+    start = time.monotonic()
+
+    def refused() -> bool:
+        # The app learns it either from its realtime socket (closed with 4004) or from a
+        # write refused with 401; either way it is logged out.
+        if app.text_content("#status") == "Logged out":
+            return True
+        app.fill("#title", "after revoke", timeout=1000)
+        app.click("#new-note button", timeout=1000)
+        return False
+
+    took = until(refused, within=5, what="the app is refused after the revoke")
+    assert time.monotonic() - start < 5, took
+    assert "revoked" in (app.text_content("#error") or "")
+    popup.reload()
+    popup.wait_for_selector("#notices li")
+    until(
+        lambda: "no longer has access" in (popup.text_content("#notices") or ""),
+        what="the popup tells that the site lost its access",
+        on_fail=lambda: json.dumps(agent.storage()["local"]) + app.text_content("#error"),
+    )
+    assert popup.locator("li.site").count() == 0
+    shot(popup, "agent-popup-revoked")
+    assert agent.errors == []
+
+
+def test_sdk_example_uses_the_redirect_flow_when_the_agent_holds_no_identity(
+    agent: Agent, server: VibedProcess, notes_site: StaticSite
+) -> None:
+    """The same example app, unchanged, with the extension installed but holding no identity
+    on its server: window.vibe is there, the SDK falls back to the usual redirect to the
+    server's log-in page (without the extension, tests/test_apps_browser.py runs it)."""
+    app = agent.page(f"{notes_site.origin}/?server={quote(server.url, safe='')}")
+    app.wait_for_selector("#login:not([hidden])")
+    assert app.evaluate("() => typeof window.vibe.connect") == "function"
+    app.click("#login")
+    app.wait_for_url(f"{server.url}/login?**", timeout=20_000)
+    assert agent.errors == []
