@@ -90,10 +90,11 @@ ATTACK_PAGE = """<!doctype html>
   window.onload = () => window.vibe.connect({scopes: ["data:*"]}).then(
     (r) => { window.onloadResult = {ok: r}; },
     (e) => { window.onloadResult = {code: e.code, message: e.message}; });
+  window.clicks = [];
   document.getElementById("go").onclick = () => {
-    window.clicked = window.vibe.connect({scopes: ["data:write:loot"], appName: "Innocent",
+    window.clicks.push(window.vibe.connect({scopes: ["data:write:loot"], appName: "Innocent",
                                           origin: "https://victim.example", prompt: "consent"})
-      .then((r) => ({ok: r}), (e) => ({code: e.code, message: e.message}));
+      .then((r) => ({ok: r}), (e) => ({code: e.code, message: e.message})));
   };
   // Talk to the relay as window.vibe does, but with the agent's internal requests.
   window.relay = (type, payload) => new Promise((resolve) => {
@@ -184,11 +185,11 @@ class Agent:
         result: dict[str, Any] = self.worker.evaluate(
             """async () => {
               const open = () => new Promise((ok, no) => {
-                const r = indexedDB.open("vibe-agent", 1);
+                const r = indexedDB.open("vibe-agent");
                 r.onsuccess = () => ok(r.result); r.onerror = () => no(r.error);
               });
               const db = await open();
-              const keys = await new Promise((ok) => {
+              const keys = !db.objectStoreNames.contains("keys") ? [] : await new Promise((ok) => {
                 const out = [];
                 const tx = db.transaction("keys");
                 tx.objectStore("keys").openCursor().onsuccess = (e) => {
@@ -355,3 +356,207 @@ def test_sdk_example_uses_the_redirect_flow_when_the_agent_holds_no_identity(
     app.click("#login")
     app.wait_for_url(f"{server.url}/login?**", timeout=20_000)
     assert agent.errors == []
+
+
+# -- what a page cannot do -----------------------------------------------------------------
+
+
+def test_a_page_cannot_read_the_key_forge_its_origin_or_skip_consent(
+    agent: Agent, server: VibedProcess, attack_site: StaticSite
+) -> None:
+    """A hostile page: window.vibe has nothing but its five calls; chrome.runtime is not
+    reachable from it; the agent's internal requests sent through the relay (state, add,
+    forget, decide, consent) are refused; connect() without a click opens nothing; a forged
+    origin in connect() is ignored (the consent window and the grant name the page's real
+    origin); a forged approval does not approve and a second request while one is open is
+    refused; denying rejects connect(). Nothing the page saw holds the key or the wrapped key."""
+    from vibed.keys import b64decode, b64url_encode, derive_wrap_key, unwrap_seed
+
+    email, first_party = server.signup()
+    _, wrapped = server.call("GET", "/me/key", token=first_party)
+    seed = unwrap_seed(wrapped["keyWrapped"], derive_wrap_key(PASSWORD, b64decode(wrapped["salt"])))
+    agent.add(server.url, email)
+    page = agent.page(attack_site.origin + "/")
+    page.wait_for_function("() => window.onloadResult !== undefined")
+    assert (
+        page.evaluate("() => window.onloadResult") == {"ok": {"identity": None}}
+        or page.evaluate("() => window.onloadResult.code") == "needs-user-action"
+    )
+    assert sorted(page.evaluate("() => Object.keys(window.vibe)")) == [
+        "connect",
+        "disconnect",
+        "getToken",
+        "identity",
+        "off",
+        "on",
+    ]
+    assert page.evaluate("() => Object.isFrozen(window.vibe)")
+    assert page.evaluate("() => typeof chrome === 'undefined' || !chrome.runtime") is True
+    for request in (
+        ("state", {}),
+        ("add", {"server": server.url, "email": email, "password": PASSWORD}),
+        ("forget", {}),
+        ("consent", {"id": "x"}),
+        ("decide", {"id": "x", "allow": True}),
+        ("removeSite", {}),
+    ):
+        answer = page.evaluate("([t, p]) => window.relay(t, p)", list(request))
+        assert answer["error"]["code"] == "bad-request", (request, answer)
+
+    # The forged origin is ignored: the window names the page's own.
+    window = agent.consent(lambda: page.click("#go"))
+    assert window.text_content("#origin") == attack_site.origin
+    assert "Innocent" in (window.text_content("#name") or "")
+    consent_id = window.url.split("#", 1)[1]
+    forged = page.evaluate("(id) => window.relay('decide', {id, allow: true})", consent_id)
+    assert forged["error"]["code"] == "bad-request"
+    page.click("#go")  # asks again while the window is open
+    busy = page.evaluate("() => window.clicks[1]")
+    assert busy["code"] == "busy", busy
+    shot(window, "agent-consent-attack")
+    agent.decide(window, allow=False)
+    outcome = page.evaluate("() => window.clicks[0]")
+    assert outcome["code"] == "denied"
+    _, listed = server.call("GET", "/me/grants", token=first_party)
+    assert listed["grants"] == []
+
+    # Allowed this time: the grant names the real origin, whatever the page claimed.
+    page.reload()
+    window = agent.consent(lambda: page.click("#go"))
+    agent.decide(window, allow=True)
+    outcome = page.evaluate("() => window.clicks[0]")
+    assert outcome["ok"]["identity"]["did"]
+    _, listed = server.call("GET", "/me/grants", token=first_party)
+    assert [g["origin"] for g in listed["grants"]] == [attack_site.origin]
+    token = page.evaluate("() => window.vibe.getToken()")
+    assert token and token.count(".") == 2
+    seen = "\n".join(page.evaluate("() => window.seen"))
+    for secret in (wrapped["keyWrapped"], wrapped["salt"], seed.hex(), b64url_encode(seed)):
+        assert secret not in seen
+    assert first_party not in seen
+
+
+def test_a_challenge_signed_for_one_server_is_refused_by_another(
+    agent: Agent, server: VibedProcess, couch: PouchServer, tmp_path: Path
+) -> None:
+    """With the key the extension stored (a non-extractable CryptoKey, used in its own
+    service worker), a challenge of server B signed for server A's audience is refused by B;
+    the same nonce's signature for B's audience is not needed to show that B takes the key
+    (a fresh one is accepted). Both servers share one CouchDB, so only the audience differs."""
+    email, _ = server.signup()
+    agent.add(server.url, email)
+    other = VibedProcess(tmp_path / "other", couch.url)
+    try:
+        did = agent.storage()["local"]["identities"][0]["did"]
+        script = """async ([signFor, base, did]) => {
+          const db = await new Promise((ok) => { const r = indexedDB.open("vibe-agent", 1);
+                                                  r.onsuccess = () => ok(r.result); });
+          const key = await new Promise((ok) => { const tx = db.transaction("keys");
+            const c = tx.objectStore("keys").openCursor();
+            c.onsuccess = () => ok(c.result.value); });
+          const ch = await (await fetch(base + "/auth/challenge")).json();
+          const aud = signFor || ch.aud;
+          const msg = new TextEncoder().encode(`vibe-auth-v1\\naud:${aud}\\nnonce:${ch.nonce}`);
+          const sig = new Uint8Array(await crypto.subtle.sign("Ed25519", key, msg));
+          const b64 = btoa(String.fromCharCode(...sig)).replace(/\\+/g, "-")
+            .replace(/\\//g, "_").replace(/=+$/, "");
+          const r = await fetch(base + "/auth/response", {method: "POST",
+            headers: {"Content-Type": "application/json"},
+            body: JSON.stringify({did, nonce: ch.nonce, signature: b64})});
+          return r.status;
+        }"""
+        assert agent.worker.evaluate(script, [server.url, other.url, did]) == 401
+        assert agent.worker.evaluate(script, [None, other.url, did]) == 200
+        assert agent.worker.evaluate(script, [None, server.url, did]) == 200
+    finally:
+        other.stop()
+
+
+# -- what a person is told -------------------------------------------------------------------
+
+
+def _message(popup: Any) -> str:
+    return str(popup.text_content("#messages .message") or "")
+
+
+def test_every_failure_is_a_clear_message(
+    agent: Agent, server: VibedProcess, couch: PouchServer, notes_site: StaticSite
+) -> None:
+    """In the popup: a wrong password, an unreachable server, plain http to another machine,
+    a server known by another address than its own, each a sentence and nothing stored. A
+    password changed elsewhere changes nothing (the key is re-wrapped, not replaced); a key
+    the server no longer accepts (the identity's key replaced) is said in the popup and to
+    the page, instead of failing silently."""
+    import urllib.request
+
+    from vibed.keys import b64decode, b64encode, derive_wrap_key, unwrap_seed, wrap_seed
+
+    email, first_party = server.signup()
+    wrong = agent.add(server.url, email, "not the password")
+    assert _message(wrong) == "The email or password is not right."
+    port = free_port()
+    unreachable = agent.add(f"http://127.0.0.1:{port}", email)
+    assert _message(unreachable).startswith(f"Cannot reach http://127.0.0.1:{port}.")
+    insecure = agent.add("http://vibe.example.org", email)
+    assert "Use https://" in _message(insecure)
+    renamed = server.url.replace("127.0.0.1", "localhost")
+    elsewhere = agent.add(renamed, email)
+    assert f"calls itself {server.url}" in _message(elsewhere), _message(elsewhere)
+    shot(elsewhere, "agent-popup-wrong-address")
+    assert agent.storage()["local"].get("identities", []) == []
+    assert agent.storage()["keys"] == []
+
+    popup = agent.add(server.url, email)
+    assert "Added" in _message(popup)
+    _, me = server.call("GET", "/me", token=first_party)
+
+    def identity_doc() -> tuple[str, dict[str, Any]]:
+        url = f"{couch.url}identities/{quote(me['id'], safe='')}"
+        with urllib.request.urlopen(url) as r:
+            return url, json.load(r)
+
+    def put(url: str, doc: dict[str, Any]) -> None:
+        request = urllib.request.Request(
+            url, json.dumps(doc).encode(), {"Content-Type": "application/json"}, method="PUT"
+        )
+        urllib.request.urlopen(request).close()
+
+    # The password changed on another device: the same key, wrapped under the new password.
+    url, doc = identity_doc()
+    seed = unwrap_seed(doc["keyWrapped"], derive_wrap_key(PASSWORD, b64decode(doc["salt"])))
+    salt = bytes(range(16))
+    doc.update(salt=b64encode(salt), keyWrapped=wrap_seed(seed, derive_wrap_key("new one!", salt)))
+    put(url, doc)
+    agent.worker.evaluate("() => chrome.storage.session.clear()")  # as after a restart
+    app = agent.page(f"{notes_site.origin}/?server={quote(server.url, safe='')}")
+    app.wait_for_selector("#login:not([hidden])")
+    window = agent.consent(lambda: app.click("#login"))
+    agent.decide(window, allow=True)
+    app.wait_for_selector("#app:not([hidden])", timeout=20_000)
+    assert logins(server, me["id"])[-1] == "DID challenge"
+
+    # The identity's key replaced: the server no longer knows this did:key.
+    pointer_url = f"{couch.url}identities/{quote('did:' + me['did'], safe='')}"
+    with urllib.request.urlopen(pointer_url) as r:
+        pointer = json.load(r)
+    request = urllib.request.Request(f"{pointer_url}?rev={pointer['_rev']}", method="DELETE")
+    urllib.request.urlopen(request).close()
+    agent.worker.evaluate("() => chrome.storage.session.clear()")
+    app.reload()
+    # The page learns it too: the SDK is logged out with the agent's reason.
+    app.wait_for_function(
+        "() => window.notesApp.vibe.lastError && window.notesApp.vibe.lastError.type",
+        timeout=20_000,
+    )
+    error = app.evaluate(
+        "() => ({...window.notesApp.vibe.lastError, message: "
+        "window.notesApp.vibe.lastError.message})"
+    )
+    assert error["type"] == "key-rejected", error
+    assert "no longer accepts this device's key" in error["message"]
+    assert app.text_content("#status") == "Logged out"
+    popup.reload()
+    popup.wait_for_selector("li.identity .message.error")
+    problem = popup.text_content("li.identity .message.error") or ""
+    assert "no longer accepts this device's key" in problem and "add it again" in problem
+    shot(popup, "agent-popup-key-rejected")

@@ -75,17 +75,28 @@ export async function sign(key, bytes) {
 const DB = "vibe-agent";
 const STORE = "keys";
 
-function open() {
+function open(version) {
   return new Promise((resolve, reject) => {
-    const request = indexedDB.open(DB, 1);
-    request.onupgradeneeded = () => request.result.createObjectStore(STORE);
+    const request = version ? indexedDB.open(DB, version) : indexedDB.open(DB);
+    request.onupgradeneeded = () => {
+      if (!request.result.objectStoreNames.contains(STORE)) request.result.createObjectStore(STORE);
+    };
     request.onsuccess = () => resolve(request.result);
     request.onerror = () => reject(request.error);
   });
 }
 
-async function run(mode, action) {
+async function database() {
   const db = await open();
+  if (db.objectStoreNames.contains(STORE)) return db;
+  // The database exists without its store (created by someone else's open): add it.
+  const version = db.version + 1;
+  db.close();
+  return open(version);
+}
+
+async function run(mode, action) {
+  const db = await database();
   try {
     return await new Promise((resolve, reject) => {
       const tx = db.transaction(STORE, mode);

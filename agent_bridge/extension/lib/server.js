@@ -102,7 +102,7 @@ export class Server {
     if (challenge.aud.replace(/\/+$/, "") !== this.base) {
       throw new AgentError(
         "wrong-audience",
-        `The server at ${this.base} calls itself ${challenge.aud}: remove this identity and add it again with that address.`,
+        `The server at ${this.base} calls itself ${challenge.aud}: use that address for it (forget this identity and add it again).`,
       );
     }
     const signature = await sign(key, challengeMessage(challenge.aud, challenge.nonce));
