@@ -3,7 +3,7 @@
 // Who may ask what (every message is judged by its sender, never by what it says):
 // - the agent's own pages (popup.html, consent.html: sender.origin is this extension) manage
 //   identities and decide consent requests;
-// - content scripts relay a page's window.vibe calls (connect, getToken, disconnect, hello);
+// - content scripts relay a page's window.vibe calls (connect, getToken, disconnect);
 //   the requesting origin is sender.origin, which the browser sets, never the page.
 // No externally_connectable: no web page or other extension can message it directly.
 //
@@ -330,11 +330,6 @@ function connectedIdentity(state, origin) {
 }
 
 const page = {
-  async hello(origin) {
-    const found = connectedIdentity(await load(), origin);
-    return { identity: found ? pageIdentity(found.identity) : null };
-  },
-
   async connect(origin, payload, activation) {
     const options = payload && typeof payload === "object" ? payload : {};
     const scopes = normaliseScopes(options.scopes);
@@ -349,6 +344,8 @@ const page = {
     const silent = options.prompt === "none";
     const state = await load();
     const identity = pickIdentity(state, server);
+    // Silently, an unknown site learns nothing (not even whether an identity is here).
+    if (!identity && silent) return { identity: null };
     if (!identity) {
       throw new AgentError(
         "no-identity",

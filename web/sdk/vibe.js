@@ -154,17 +154,12 @@ class VibeClient {
   // -- start ----------------------------------------------------------------------------------
 
   /**
-   * Finish a login redirect, or restore the session, or connect through the agent. Resolves
-   * with the state: "logged-in" or "logged-out".
+   * Finish a login redirect, or restore the session, or connect through the agent (silently:
+   * an origin the person approved in the agent). Resolves with the state: "logged-in" or
+   * "logged-out". A session the app already has (a redirect login) comes before the agent.
    */
   async init() {
     if (this.firstParty) return this._initFirstParty();
-    const agent = this.agentOption === false ? null : this.agentOption || globalThis.vibe;
-    if (isAgent(agent)) {
-      const state = await this._useAgent(agent, { prompt: "none" });
-      if (state !== null) return state;
-      // The agent has no identity on this server: the redirect flow below.
-    }
     const params = globalThis.location ? new URLSearchParams(location.search) : null;
     if (params && (params.has("code") || params.has("error")) && params.has("state")) {
       const pending = this._pending();
@@ -185,6 +180,11 @@ class VibeClient {
       }
       if (this.session) this._setState("logged-in");
       return this.state;
+    }
+    const agent = this.agentOption === false ? null : this.agentOption || globalThis.vibe;
+    if (isAgent(agent)) {
+      const state = await this._useAgent(agent, { prompt: "none" });
+      if (state !== null) return state;
     }
     this._setState("logged-out");
     return this.state;

@@ -6,7 +6,7 @@
 (() => {
   "use strict";
   const CHANNEL = "vibe-agent";
-  const CALLS = new Set(["hello", "connect", "getToken", "disconnect"]);
+  const CALLS = new Set(["connect", "getToken", "disconnect"]);
 
   function reply(id, body) {
     window.postMessage({ channel: CHANNEL, dir: "to-page", id, ...body }, location.origin);

@@ -103,13 +103,4 @@
     },
   };
   Object.defineProperty(window, "vibe", { value: Object.freeze(api), enumerable: true });
-  call("hello", {}).then(
-    (result) => {
-      if (result && result.identity && !identity) {
-        identity = result.identity;
-        emit("identity", identity);
-      }
-    },
-    () => {},
-  );
 })();
