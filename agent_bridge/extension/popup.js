@@ -112,4 +112,9 @@ $("add").addEventListener("submit", (event) => {
 
 $("clear-notices").addEventListener("click", (event) => act(event.currentTarget, () => ask("clearNotices")));
 
+// Live: a site revoked or approved meanwhile shows at once.
+chrome.storage.onChanged.addListener((_changes, area) => {
+  if (area === "local") render().catch(() => {});
+});
+
 render().catch((error) => say(error.message, "error"));
