@@ -251,8 +251,8 @@ def test_agent_journey_add_connect_write_revoke(
     DID challenge login for the next token, never the password again), the password and the
     seed are stored nowhere and the key is a non-extractable Ed25519 CryptoKey; the notes app
     on another origin logs in through window.vibe with the agent's consent window, writes and
-    reads its collection; the grant is listed with the person's grants (via agent); revoked
-    there, the app is refused within 5 s and the popup says so."""
+    reads its collection; the grant is listed with the person's grants (via agent) and in
+    their dashboard; revoked there, the app is refused within 5 s and the popup says so."""
     from vibed.keys import b64decode, b64url_encode, derive_wrap_key, unwrap_seed
 
     email, first_party = server.signup()
@@ -316,8 +316,19 @@ def test_agent_journey_add_connect_write_revoke(
     popup.wait_for_selector("li.site")
     assert notes_site.origin in (popup.text_content("#sites") or "")
 
-    status, _ = server.call("DELETE", f"/me/grants/{grant['id']}", token=first_party)
-    assert status == 204
+    # The person's dashboard, on the server's own site, lists it like any app; revoke there.
+    dashboard = agent.page(server.url + "/login?next=%2Fdashboard%23apps")
+    dashboard.fill("#email", email)
+    dashboard.fill("#password", PASSWORD)
+    dashboard.click("button[type=submit]")
+    dashboard.wait_for_selector("#grants li", timeout=20_000)
+    card = dashboard.text_content("#grants") or ""
+    assert notes_site.origin in card and "Read and change your notes" in card
+    assert "Notes (example)" in card
+    shot(dashboard, "agent-dashboard-grant")
+    dashboard.click(f"button[aria-label='Revoke {notes_site.origin}']")
+    dashboard.click("text=Revoke access")
+    dashboard.wait_for_selector("#grants-empty:not([hidden])")
     start = time.monotonic()
 
     def refused() -> bool:
@@ -489,8 +500,6 @@ def test_every_failure_is_a_clear_message(
     the page, instead of failing silently."""
     import urllib.request
 
-    from vibed.keys import b64decode, b64encode, derive_wrap_key, unwrap_seed, wrap_seed
-
     email, first_party = server.signup()
     wrong = agent.add(server.url, email, "not the password")
     assert _message(wrong) == "The email or password is not right."
@@ -510,29 +519,33 @@ def test_every_failure_is_a_clear_message(
     assert "Added" in _message(popup)
     _, me = server.call("GET", "/me", token=first_party)
 
-    def identity_doc() -> tuple[str, dict[str, Any]]:
-        url = f"{couch.url}identities/{quote(me['id'], safe='')}"
-        with urllib.request.urlopen(url) as r:
-            return url, json.load(r)
-
-    def put(url: str, doc: dict[str, Any]) -> None:
-        request = urllib.request.Request(
-            url, json.dumps(doc).encode(), {"Content-Type": "application/json"}, method="PUT"
-        )
-        urllib.request.urlopen(request).close()
-
-    # The password changed on another device: the same key, wrapped under the new password.
-    url, doc = identity_doc()
-    seed = unwrap_seed(doc["keyWrapped"], derive_wrap_key(PASSWORD, b64decode(doc["salt"])))
-    salt = bytes(range(16))
-    doc.update(salt=b64encode(salt), keyWrapped=wrap_seed(seed, derive_wrap_key("new one!", salt)))
-    put(url, doc)
-    agent.worker.evaluate("() => chrome.storage.session.clear()")  # as after a restart
+    # The password changed on another device (the dashboard re-wraps the same key and ends
+    # every other first-party session, the agent's too): the agent goes on with its key.
     app = agent.page(f"{notes_site.origin}/?server={quote(server.url, safe='')}")
     app.wait_for_selector("#login:not([hidden])")
     window = agent.consent(lambda: app.click("#login"))
     agent.decide(window, allow=True)
     app.wait_for_selector("#app:not([hidden])", timeout=20_000)
+    status, _ = server.call(
+        "POST",
+        "/me/password",
+        {"currentPassword": PASSWORD, "newPassword": "a new long passphrase"},
+        token=first_party,
+    )
+    assert status == 200
+    # The app session gone too, as after a browser restart: a new one needs a first-party
+    # token, and the one the agent holds was ended by the password change.
+    agent.worker.evaluate(
+        """async () => {
+          const all = Object.keys(await chrome.storage.session.get(null));
+          await chrome.storage.session.remove(all.filter((k) => k.startsWith("app ")));
+        }"""
+    )
+    app.reload()
+    app.wait_for_selector("#app:not([hidden])", timeout=20_000)
+    app.fill("#title", "After the password change")
+    app.click("#new-note button")
+    until(lambda: "After the password change" in note_titles(app), what="the app goes on")
     assert logins(server, me["id"])[-1] == "DID challenge"
 
     # The identity's key replaced: the server no longer knows this did:key.

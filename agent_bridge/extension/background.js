@@ -126,6 +126,20 @@ function firstPartyToken(identity) {
   });
 }
 
+/**
+ * ``call(token)`` with a first-party token; once more with a new one if the server refused
+ * it (the person ended the agent's sessions, e.g. by changing the password elsewhere).
+ */
+async function asIdentity(identity, call) {
+  try {
+    return await call(await firstPartyToken(identity));
+  } catch (error) {
+    if (error.status !== 401) throw error;
+    await session.remove(firstPartyKey(identity.ref));
+    return call(await firstPartyToken(identity));
+  }
+}
+
 function saveAppTokens(identity, origin, tokens) {
   return session.set(appKey(identity.ref, origin), {
     accessToken: tokens.access_token,
@@ -148,7 +162,7 @@ function appToken(identity, origin, site, { force = false } = {}) {
     if (held && held.refreshToken) tokens = await server.refresh(origin, held.refreshToken);
     if (!tokens) {
       // No session here (the browser restarted) or it ended: a new one under the grant.
-      const answer = await server.grantTokens(await firstPartyToken(identity), site.grantId);
+      const answer = await asIdentity(identity, (token) => server.grantTokens(token, site.grantId));
       tokens = answer && answer.tokens;
     }
     if (!tokens) {
@@ -265,9 +279,9 @@ async function removeSite(ref, origin) {
   const site = identity && (state.sites[ref] || {})[origin];
   if (!site) throw new AgentError("bad-request", "No such site.");
   const server = new Server(identity.server);
-  await server.call("DELETE", `/me/grants/${encodeURIComponent(site.grantId)}`, {
-    token: await firstPartyToken(identity),
-  }).catch((error) => {
+  await asIdentity(identity, (token) =>
+    server.call("DELETE", `/me/grants/${encodeURIComponent(site.grantId)}`, { token }),
+  ).catch((error) => {
     if (error.status !== 404) throw error;
   });
   await session.remove(appKey(ref, origin));
@@ -377,7 +391,9 @@ const page = {
     }
     const name = cleanName(options.appName);
     await openConsent({ origin, scopes, name, identity });
-    const minted = await new Server(identity.server).mintGrant(await firstPartyToken(identity), origin, scopes, name);
+    const minted = await asIdentity(identity, (token) =>
+      new Server(identity.server).mintGrant(token, origin, scopes, name),
+    );
     const previous = await session.get(appKey(identity.ref, origin));
     if (previous && previous.refreshToken) await new Server(identity.server).revoke(origin, previous.refreshToken);
     await saveAppTokens(identity, origin, minted.tokens);
