@@ -446,11 +446,21 @@ def test_a_page_cannot_read_the_key_forge_its_origin_or_skip_consent(
         assert secret not in seen
     assert first_party not in seen
 
+    # disconnect() ends the page's session; the approval stays: a click reconnects at once.
+    page.evaluate("() => window.vibe.disconnect()")
+    assert page.evaluate("() => window.vibe.getToken()") is None
+    assert page.evaluate("() => window.vibe.identity") is None
+    pages = len(agent.context.pages)
+    page.click("#go")
+    again = page.evaluate("() => window.clicks[window.clicks.length - 1]")
+    assert again["ok"]["identity"]["did"] and len(agent.context.pages) == pages
+
 
 def test_a_challenge_signed_for_one_server_is_refused_by_another(
     agent: Agent, server: VibedProcess, couch: PouchServer, tmp_path: Path
 ) -> None:
-    """With the key the extension stored (a non-extractable CryptoKey, used in its own
+    """Two identities on two servers can be added and either made active. With the key the
+    extension stored for the first (a non-extractable CryptoKey, used in its own
     service worker), a challenge of server B signed for server A's audience is refused by B;
     the same nonce's signature for B's audience is not needed to show that B takes the key
     (a fresh one is accepted). Both servers share one CouchDB, so only the audience differs."""
@@ -458,13 +468,21 @@ def test_a_challenge_signed_for_one_server_is_refused_by_another(
     agent.add(server.url, email)
     other = VibedProcess(tmp_path / "other", couch.url)
     try:
-        did = agent.storage()["local"]["identities"][0]["did"]
-        script = """async ([signFor, base, did]) => {
+        # Several identities, on several servers; the last added is active, any can be.
+        other_email, _ = other.signup()
+        popup = agent.add(other.url, other_email)
+        popup.wait_for_selector("li.identity >> nth=1")
+        assert other_email in (popup.text_content("li.identity.active") or "")
+        popup.click("li.identity:not(.active) >> text=Use this one")
+        until(lambda: email in (popup.text_content("li.identity.active") or ""), what="switch")
+        first = agent.storage()["local"]["identities"][0]
+        did, ref = first["did"], first["ref"]
+        script = """async ([signFor, base, did, ref]) => {
           const db = await new Promise((ok) => { const r = indexedDB.open("vibe-agent", 1);
                                                   r.onsuccess = () => ok(r.result); });
-          const key = await new Promise((ok) => { const tx = db.transaction("keys");
-            const c = tx.objectStore("keys").openCursor();
-            c.onsuccess = () => ok(c.result.value); });
+          const key = await new Promise((ok) => {
+            const got = db.transaction("keys").objectStore("keys").get(ref);
+            got.onsuccess = () => ok(got.result); });
           const ch = await (await fetch(base + "/auth/challenge")).json();
           const aud = signFor || ch.aud;
           const msg = new TextEncoder().encode(`vibe-auth-v1\\naud:${aud}\\nnonce:${ch.nonce}`);
@@ -476,9 +494,9 @@ def test_a_challenge_signed_for_one_server_is_refused_by_another(
             body: JSON.stringify({did, nonce: ch.nonce, signature: b64})});
           return r.status;
         }"""
-        assert agent.worker.evaluate(script, [server.url, other.url, did]) == 401
-        assert agent.worker.evaluate(script, [None, other.url, did]) == 200
-        assert agent.worker.evaluate(script, [None, server.url, did]) == 200
+        assert agent.worker.evaluate(script, [server.url, other.url, did, ref]) == 401
+        assert agent.worker.evaluate(script, [None, other.url, did, ref]) == 200
+        assert agent.worker.evaluate(script, [None, server.url, did, ref]) == 200
     finally:
         other.stop()
 
@@ -490,15 +508,26 @@ def _message(popup: Any) -> str:
     return str(popup.text_content("#messages .message") or "")
 
 
+def _put(url: str, doc: dict[str, Any]) -> None:
+    import urllib.request
+
+    body = json.dumps(doc).encode()
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"}, method="PUT")
+    urllib.request.urlopen(request).close()
+
+
 def test_every_failure_is_a_clear_message(
     agent: Agent, server: VibedProcess, couch: PouchServer, notes_site: StaticSite
 ) -> None:
     """In the popup: a wrong password, an unreachable server, plain http to another machine,
-    a server known by another address than its own, each a sentence and nothing stored. A
+    a server known by another address than its own, a wrapped key that is not the identity's
+    did:key, each a sentence and nothing stored. A
     password changed elsewhere changes nothing (the key is re-wrapped, not replaced); a key
     the server no longer accepts (the identity's key replaced) is said in the popup and to
     the page, instead of failing silently."""
     import urllib.request
+
+    from vibed.keys import b64decode, derive_wrap_key, wrap_seed
 
     email, first_party = server.signup()
     wrong = agent.add(server.url, email, "not the password")
@@ -512,12 +541,26 @@ def test_every_failure_is_a_clear_message(
     elsewhere = agent.add(renamed, email)
     assert f"calls itself {server.url}" in _message(elsewhere), _message(elsewhere)
     shot(elsewhere, "agent-popup-wrong-address")
+    # A wrapped key that is not the key of the identity's did:key (a broken or lying server).
+    _, me = server.call("GET", "/me", token=first_party)
+    doc_url = f"{couch.url}identities/{quote(me['id'], safe='')}"
+    with urllib.request.urlopen(doc_url) as r:
+        doc = json.load(r)
+    kept_wrap = doc["keyWrapped"]
+    wrap_key = derive_wrap_key(PASSWORD, b64decode(doc["salt"]))
+    doc["keyWrapped"] = wrap_seed(bytes(range(32)), wrap_key)
+    _put(doc_url, doc)
+    mismatch = agent.add(server.url, email)
+    assert f"is not the key of {me['did']}" in _message(mismatch), _message(mismatch)
+    doc["keyWrapped"] = kept_wrap
+    with urllib.request.urlopen(doc_url) as r:
+        doc["_rev"] = json.load(r)["_rev"]
+    _put(doc_url, doc)
     assert agent.storage()["local"].get("identities", []) == []
     assert agent.storage()["keys"] == []
 
     popup = agent.add(server.url, email)
     assert "Added" in _message(popup)
-    _, me = server.call("GET", "/me", token=first_party)
 
     # The password changed on another device (the dashboard re-wraps the same key and ends
     # every other first-party session, the agent's too): the agent goes on with its key.
