@@ -52,3 +52,76 @@ async def test_the_wrapped_key_answers_no_cors_even_when_its_path_is_percent_enc
     for path in ("/me", "/me/grants", "/me/%67rants", "/%64ata/notes"):
         got = await person.call("GET", path, headers={"Origin": APP})
         assert got.header("access-control-allow-origin") == "*", (path, got.code)
+
+
+# -- per-address limits count an IPv6 client by its /64 -----------------------------------
+
+
+def random_slash64() -> str:
+    """A documentation-range /64 prefix of its own (rate-limit windows live in the shared
+    CouchDB, so each test run counts in fresh networks)."""
+    n = uuid.uuid4().int
+    return f"2001:db8:{n % 0xFFFF:x}:{(n >> 16) % 0xFFFF:x}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ipv6_client_cannot_dodge_the_signup_limit_by_changing_its_interface_id(
+    make_vibed: VibedFactory,
+) -> None:
+    """A client behind the trusted proxy with an IPv6 address holds (at least) its whole /64:
+    2**64 addresses. Each signup costs an Argon2id hash and a scrypt derivation, so the
+    per-address limit must count the /64, not each address in it; another /64 is another
+    client, and an IPv4-mapped address counts as its IPv4 address."""
+    v = await make_vibed(trusted_proxies="127.0.0.1", signup_limit_per_address=2)
+    net = random_slash64()
+    answers = []
+    for host in (":1", ":2", "3:4:5:6", "ffff:ffff:ffff:ffff"):
+        answers.append(
+            await v.request(
+                "POST",
+                "/auth/signup",
+                {"email": email(), "password": "correct horse battery"},
+                headers={"X-Forwarded-For": f"{net}:{host}"},
+            )
+        )
+    assert [a.code for a in answers] == [201, 201, 429, 429], [a.content for a in answers]
+    other = await v.request(
+        "POST",
+        "/auth/signup",
+        {"email": email(), "password": "correct horse battery"},
+        headers={"X-Forwarded-For": f"{random_slash64()}::1"},
+    )
+    assert other.code == 201, other.content
+    v4 = f"198.18.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}"
+    codes = []
+    for spelled in (v4, f"::ffff:{v4}", v4):
+        r = await v.request(
+            "POST",
+            "/auth/signup",
+            {"email": email(), "password": "correct horse battery"},
+            headers={"X-Forwarded-For": spelled},
+        )
+        codes.append(r.code)
+    assert codes == [201, 201, 429], codes
+
+
+def test_the_connection_cap_counts_an_ipv6_slash_64_as_one_address() -> None:
+    """--max-connections-per-address holds for a client that opens each connection from
+    another address of its /64; other networks and IPv4 peers count on their own."""
+    from twisted.internet.address import IPv4Address, IPv6Address
+    from twisted.web.resource import Resource
+
+    from vibed.web import AddressLimit, ConnectionLimits, VibeSite, _Refuse
+
+    limit = AddressLimit(VibeSite(Resource(), limits=ConnectionLimits(max_per_address=2)))
+
+    def refused(peer: object) -> bool:
+        return isinstance(limit.buildProtocol(peer), _Refuse)  # type: ignore[arg-type]
+
+    assert not refused(IPv6Address("TCP", "2001:db8:1:2::1", 1000))
+    assert not refused(IPv6Address("TCP", "2001:db8:1:2::2", 1000))
+    assert refused(IPv6Address("TCP", "2001:db8:1:2:aaaa::9", 1000))
+    assert not refused(IPv6Address("TCP", "2001:db8:1:3::1", 1000))
+    assert not refused(IPv4Address("TCP", "192.0.2.1", 1000))
+    assert not refused(IPv6Address("TCP", "::ffff:192.0.2.1", 1000))
+    assert refused(IPv4Address("TCP", "192.0.2.1", 1000))
