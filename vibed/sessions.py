@@ -215,10 +215,16 @@ class RefreshStore:
             # A concurrent revocation or touch won: the family is as it should be.
             _log.debug("lastUsedAt of a family not written ({error})", error=type(e).__name__)
 
-    async def families(self, idn: str, *, limit: int = 1000) -> list[dict[str, Any]]:
-        """The family documents of ``idn`` (revoked ones too), oldest first."""
+    async def families(
+        self, idn: str, *, limit: int = 1000, live_only: bool = False
+    ) -> list[dict[str, Any]]:
+        """The family documents of ``idn``, oldest first: revoked ones too, unless
+        ``live_only`` (revoked families stay as tombstones and would crowd out live ones)."""
+        selector: dict[str, Any] = {"idn": {"$eq": idn}, "createdAt": {"$gte": 0}}
+        if live_only:
+            selector["revoked"] = {"$eq": False}
         page = await self.db.find(
-            {"idn": {"$eq": idn}, "createdAt": {"$gte": 0}},
+            selector,
             limit=limit,
             use_index=[REFRESH_DDOC, "byIdn"],
         )
