@@ -125,3 +125,63 @@ def test_the_connection_cap_counts_an_ipv6_slash_64_as_one_address() -> None:
     assert not refused(IPv4Address("TCP", "192.0.2.1", 1000))
     assert not refused(IPv6Address("TCP", "::ffff:192.0.2.1", 1000))
     assert refused(IPv4Address("TCP", "192.0.2.1", 1000))
+
+
+# -- a password change ends every other session, however many the identity had ------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_password_change_ends_every_other_session_however_many_came_before(
+    vibed: Vibed,
+) -> None:
+    """Every login leaves a family document (logged-out ones stay as tombstones), so a long-
+    lived identity (or an intruder who logged in a thousand times first: successful logins
+    are not limited) has more than a page of them. Changing the password, and "log out
+    everywhere else", must still end the newest sessions (the intruder's), not only those
+    among the oldest thousand; the session list must show them."""
+    address = email()
+    signup = await vibed.request(
+        "POST", "/auth/signup", {"email": address, "password": "correct horse battery"}
+    )
+    assert signup.code == 201
+    idn = signup.json()["identity"]["id"]
+    # A thousand logged-out sessions from the past (tombstones, as logouts leave them).
+    old = int(vibed.clock()) - 100_000
+    await vibed.parts.refresh.db.bulk_docs(
+        [
+            {
+                "_id": f"fam:{uuid.uuid4().hex}",
+                "idn": idn,
+                "revoked": True,
+                "createdAt": old + i,
+                "lastUsedAt": old + i,
+            }
+            for i in range(1000)
+        ]
+    )
+
+    async def login() -> tuple[str, str]:
+        resp = await vibed.request(
+            "POST", "/auth/login", {"email": address, "password": "correct horse battery"}
+        )
+        assert resp.code == 200, resp.content
+        assert resp.refresh_cookie is not None
+        return resp.json()["accessToken"], resp.refresh_cookie
+
+    intruder_token, intruder_cookie = await login()
+    mine, _ = await login()
+    listed = await vibed.request("GET", "/me/sessions", token=mine)
+    assert listed.code == 200
+    assert len(listed.json()["sessions"]) == 3, listed.json()  # signup, intruder, mine
+    changed = await vibed.request(
+        "POST",
+        "/me/password",
+        {"currentPassword": "correct horse battery", "newPassword": "a brand new passphrase"},
+        token=mine,
+    )
+    assert changed.code == 200, changed.content
+    assert changed.json()["revokedSessions"] == 2
+    assert (await vibed.request("GET", "/me", token=intruder_token)).code == 401
+    refreshed = await vibed.request("POST", "/auth/refresh", cookie=intruder_cookie)
+    assert refreshed.code == 401
+    assert (await vibed.request("GET", "/me", token=mine)).code == 200
