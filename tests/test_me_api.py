@@ -556,3 +556,39 @@ async def test_export_and_deletion_with_s3(make_vibed: VibedFactory, s3_url: str
     await assert_gone(vibed, me.idn, address, [made["photo"]["key"], made["text"]["key"], stray])
     assert await store.keys_under(me.idn.removeprefix("idn:")) == []
     assert await store.stat(kept["key"]) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_export_that_fails_halfway_is_cut_not_truncated(vibed: Vibed) -> None:
+    """When the store fails in the middle of a file, the download is aborted: the client gets
+    an error, never a complete-looking archive with a file missing."""
+    me, _, _ = await person(vibed)
+    await fill(me, vibed)
+    blobs = vibed.parts.api.blob.blobs
+    store = blobs.store
+
+    class Flaky:
+        """The store, but reading breaks after the first chunk (S3 went away)."""
+
+        kind = store.kind
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def open_read(self, key: str) -> Any:
+            from vibed.blobs import StoreUnavailable
+
+            async def chunks() -> Any:
+                yield b"first bytes"
+                raise StoreUnavailable("S3 stopped sending the object")
+
+            return chunks()
+
+    blobs.store = Flaky()
+    try:
+        with pytest.raises(Exception) as failed:  # noqa: B017 - any transport failure will do
+            await me.call("GET", "/me/export")
+        assert not isinstance(failed.value, AssertionError)
+    finally:
+        blobs.store = store
+    assert (await me.call("GET", "/me/export")).code == 200  # and it works again

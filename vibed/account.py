@@ -110,7 +110,7 @@ class AccountService:
         """The identity's live first-party sessions (its browsers and devices), newest use
         first. Apps' sessions are not listed here: they belong to their grants."""
         out = []
-        for fam in await self.refresh.families(idn):
+        for fam in await self.refresh.families(idn, live_only=True):
             if fam.get("revoked") or fam.get("grant"):
                 continue
             out.append(

@@ -20,6 +20,7 @@ exposed. The local blob store's signed URLs (``/blob/local/``) answer their own 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
@@ -38,7 +39,9 @@ MAX_AGE = b"600"
 
 
 def allowed(path: bytes) -> bool:
-    """Whether ``path`` (no query) may be called from any origin."""
+    """Whether ``path`` (no query, as sent) may be called from any origin. Decided on the
+    percent-decoded path, the one the router matches: ``/me/%6Bey`` is ``/me/key``."""
+    path = unquote_to_bytes(path)
     if any(path.startswith(p) for p in EXCLUDED):
         return False
     return path in EXACT or any(path.startswith(p) for p in PREFIXES)

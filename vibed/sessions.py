@@ -215,15 +215,28 @@ class RefreshStore:
             # A concurrent revocation or touch won: the family is as it should be.
             _log.debug("lastUsedAt of a family not written ({error})", error=type(e).__name__)
 
-    async def families(self, idn: str, *, limit: int = 1000) -> list[dict[str, Any]]:
-        """The family documents of ``idn`` (revoked ones too), oldest first."""
-        page = await self.db.find(
-            {"idn": {"$eq": idn}, "createdAt": {"$gte": 0}},
-            limit=limit,
-            use_index=[REFRESH_DDOC, "byIdn"],
-        )
-        docs = [d for d in page.docs if str(d.get("_id", "")).startswith("fam:")]
-        return sorted(docs, key=lambda d: (d.get("createdAt", 0), d["_id"]))
+    async def families(
+        self, idn: str, *, limit: int = 1000, live_only: bool = False
+    ) -> list[dict[str, Any]]:
+        """Every family document of ``idn``, oldest first, read ``limit`` at a time: revoked
+        ones too, unless ``live_only``. All of them: logged-out families stay as tombstones,
+        so the live ones (the newest) may lie past any first page, and ending "every other
+        session" (a password change) must reach them."""
+        selector: dict[str, Any] = {"idn": {"$eq": idn}, "createdAt": {"$gte": 0}}
+        if live_only:
+            selector["revoked"] = {"$eq": False}
+        docs: list[dict[str, Any]] = []
+        bookmark: str | None = None
+        while True:
+            page = await self.db.find(
+                selector, limit=limit, bookmark=bookmark, use_index=[REFRESH_DDOC, "byIdn"]
+            )
+            docs.extend(d for d in page.docs if str(d.get("_id", "")).startswith("fam:"))
+            if len(page.docs) < limit or page.bookmark is None or page.bookmark == bookmark:
+                break
+            bookmark = page.bookmark
+        unique = {d["_id"]: d for d in docs}.values()
+        return sorted(unique, key=lambda d: (d.get("createdAt", 0), d["_id"]))
 
     async def forget_identity(self, idn: str) -> int:
         """Revoke and delete every family of ``idn`` and every refresh token in them (an

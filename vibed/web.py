@@ -400,9 +400,10 @@ class AddressLimit(WrappingFactory):
         self.refused = 0
 
     def buildProtocol(self, addr: IAddress | None) -> Any:  # noqa: N802
-        host = str(getattr(addr, "host", "") or "")
+        peer = str(getattr(addr, "host", "") or "")
         limits = self.site.limits
-        exempt = not host or _in_networks(host, limits.trusted)
+        exempt = not peer or _in_networks(peer, limits.trusted)
+        host = address_key(peer)
         if not exempt and self.open.get(host, 0) >= limits.max_per_address:
             self.refused += 1
             if self.refused % 1000 == 1:
@@ -426,6 +427,24 @@ class AddressLimit(WrappingFactory):
             self.open[host] = left
         else:
             self.open.pop(host, None)
+
+
+def address_key(address: str) -> str:
+    """What per-address limits count for a client ``address``: an IPv4 address as it is, an
+    IPv6 address as its /64 network (one subscriber is routinely given a whole /64: counting
+    single addresses would give one client 2**64 of them), an IPv4-mapped IPv6 address as
+    the IPv4 address it maps. Anything else (not an IP address) as it is."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
 
 def _in_networks(host: str, networks: tuple[Any, ...]) -> bool:

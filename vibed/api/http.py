@@ -21,6 +21,7 @@ from vibed.errors import (
 )
 from vibed.revocation import RevocationsUnavailable
 from vibed.tokens import AccessClaims, InvalidToken, TokenIssuer
+from vibed.web import address_key
 
 AUTH_BODY_LIMIT = 64 * 1024
 
@@ -125,8 +126,10 @@ def require_scope(claims: AccessClaims, scope: str) -> None:
 
 
 def client_address(request: IRequest, trusted: Sequence[Network]) -> str:
-    """The peer's address; ``X-Forwarded-For`` is believed only when the peer is a trusted proxy,
-    and then the right-most address that is not itself a trusted proxy is the client."""
+    """The client, as per-address limits count it (:func:`vibed.web.address_key`: an IPv6
+    client is its /64): the peer's address; ``X-Forwarded-For`` is believed only when the
+    peer is a trusted proxy, and then the right-most address that is not itself a trusted
+    proxy is the client."""
     peer = getattr(request.getClientAddress(), "host", None) or "unknown"
     header = request.getHeader(b"x-forwarded-for")
     return resolve_client(str(peer), header.decode("latin-1") if header else None, trusted)
@@ -134,6 +137,10 @@ def client_address(request: IRequest, trusted: Sequence[Network]) -> str:
 
 def resolve_client(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
     """:func:`client_address` from the peer's address and the ``X-Forwarded-For`` value."""
+    return address_key(_resolve_client(peer, forwarded_for, trusted))
+
+
+def _resolve_client(peer: str, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
     if not trusted or not _in(peer, trusted) or not forwarded_for:
         return peer
     hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
