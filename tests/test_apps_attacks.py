@@ -323,6 +323,49 @@ async def test_wrong_password_on_the_page_says_so(vibed: Vibed) -> None:
     assert "vibe_session" not in browser.cookies
 
 
+@pytest_twisted.ensureDeferred
+async def test_too_many_wrong_passwords_on_the_page_say_how_long_to_wait(vibed: Vibed) -> None:
+    """Wrong passwords on the log-in page end in a 429 page that says, in words, how long to
+    wait (and a Retry-After header); the right password is refused too until then."""
+    email, _ = await person(vibed)
+    browser = Browser(vibed)
+    for _attempt in range(20):
+        resp = await browser.login(email, password="not the password")
+        if resp.code == 429:
+            break
+        assert resp.code == 401
+    assert resp.code == 429
+    text = resp.content.decode()
+    assert "Too many attempts. Wait about" in text and "then try again" in text, text
+    assert int(resp.header("retry-after") or "0") > 0
+    assert resp.header("content-type") == "text/html; charset=utf-8"
+    again = await browser.login(email)
+    assert again.code == 429 and "vibe_session" not in browser.cookies
+
+
+@pytest_twisted.ensureDeferred
+async def test_log_in_page_during_an_outage_says_to_try_again(
+    make_vibed: VibedFactory, own_couch: Any
+) -> None:
+    """CouchDB down while a person logs in on the page: a 503 form that says the server cannot
+    reach its database and to try again (no traceback); once it is back, the login works."""
+    vibed = await make_vibed(couch_url=own_couch.url)
+    email, _ = await person(vibed)
+    browser = Browser(vibed)
+    await browser.go("GET", "/login")  # the form's CSRF cookie, while CouchDB is up
+    own_couch.stop()
+    try:
+        down = await browser.login(email)
+        assert down.code == 503, down.content
+        text = down.content.decode()
+        assert "cannot reach its database" in text and "try again" in text
+        assert "Traceback" not in text and "vibe_session" not in browser.cookies
+    finally:
+        own_couch.start()
+    back = await browser.login(email)
+    assert back.code == 303 and "vibe_session" in browser.cookies
+
+
 # -- tokens on other routes and replicas ---------------------------------------------------------
 
 

@@ -357,7 +357,8 @@ class AppsAPI:
                 if not password or len(password) > 1024:
                     return again("Enter your password.", 400)
                 doc = await self.auth.password_login(request, email, password)
-        except ServiceUnavailable:
+            rotation = await self.auth.start_session(request, doc["_id"])
+        except (ServiceUnavailable, CouchUnavailable):
             return again(
                 "The server cannot reach its database right now. Wait a moment, then try again.",
                 503,
@@ -368,7 +369,6 @@ class AppsAPI:
             return again(f"Too many attempts. Wait {_duration(wait)}, then try again.", 429)
         except Problem as e:
             return again(_in_words(e, signup), e.status)
-        rotation = await self.auth.start_session(request, doc["_id"])
         self.set_session(request, rotation.family)
         return _redirect(request, next_url)
 
