@@ -41,11 +41,15 @@ def percentile(values: list[float], p: float) -> float:
 class Daemon:
     """`twistd -n vibed` with the embedded CouchDB in a temporary data dir."""
 
-    def __init__(self, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *extra: str, env: dict[str, str] | None = None, wrapper: list[str] | None = None
+    ) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="vibed-bench-")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # ``wrapper``: a command that runs twistd (e.g. valgrind), so ``pid`` is the daemon.
         self.args = [
+            *(wrapper or []),
             str(BIN / "twistd"),
             "-n",
             "--pidfile=",
@@ -481,3 +485,53 @@ end
 def vibed_env(args: Any) -> dict[str, str] | None:
     """The daemon's extra environment for ``--vibed-src``."""
     return {"PYTHONPATH": str(Path(args.vibed_src).resolve())} if args.vibed_src else None
+
+
+def fixed_load(
+    base: str, requests: list[Request], *, count: int, connections: int
+) -> tuple[float, int]:
+    """Send exactly ``count`` of ``requests`` (in turn; ``{n}`` as in :func:`wrk`) over
+    ``connections`` keep-alive connections; returns (seconds, answers that were not 2xx).
+    Slower than wrk, but the daemon serves a known number of requests (instruction counts)."""
+    import http.client
+    import threading
+    import uuid
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base)
+    run = uuid.uuid4().hex[:12]
+    lock = threading.Lock()
+    state = {"next": 0, "errors": 0}
+
+    def take() -> int | None:
+        with lock:
+            k = state["next"]
+            if k >= count:
+                return None
+            state["next"] = k + 1
+            return k
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=600)
+        while (k := take()) is not None:
+            method, path, headers, body = requests[k % len(requests)]
+            conn.request(
+                method,
+                path.replace("{n}", f"{run}x{k}"),
+                body=body.encode() if body is not None else None,
+                headers=headers,
+            )
+            answer = conn.getresponse()
+            answer.read()
+            if not 200 <= answer.status < 300:
+                with lock:
+                    state["errors"] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(connections)]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.monotonic() - start, state["errors"]

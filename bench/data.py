@@ -40,6 +40,8 @@ from urllib.parse import quote, urlencode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from attrs import define  # noqa: E402
+
 from bench.common import (  # noqa: E402
     Daemon,
     Engine,
@@ -65,7 +67,7 @@ def call(method: str, url: str, body: Any = None, headers: dict[str, str] | None
     request.add_header("Content-Type", "application/json")
     for name, value in (headers or {}).items():
         request.add_header(name, value)
-    with urllib.request.urlopen(request, timeout=60) as r:
+    with urllib.request.urlopen(request, timeout=600) as r:
         content = r.read()
     return json.loads(content) if content else None
 
@@ -122,7 +124,19 @@ def main(args: argparse.Namespace) -> None:
         engine.stop()
 
 
-def run(daemon: Daemon, engine: Engine, args: argparse.Namespace) -> None:
+@define
+class Workload:
+    """One identity's seeded collection and, per operation, the requests through vibed and
+    the same requests straight to CouchDB."""
+
+    idn: str
+    couch: str  # CouchDB's URL without credentials
+    ops: dict[str, tuple[list[Request], list[Request]]]
+
+
+def prepare(daemon: Daemon, engine: Engine, seed_docs: int) -> Workload:
+    """Sign up an identity, seed its collection straight in CouchDB, declare the indexes an
+    app would (``group``, ``n``) and build every operation's requests."""
     base = daemon.url
     email = f"bench-{uuid.uuid4().hex[:8]}@example.org"
     signup = call("POST", base + "/auth/signup", {"email": email, "password": "x" * 16})
@@ -135,7 +149,7 @@ def run(daemon: Daemon, engine: Engine, args: argparse.Namespace) -> None:
     db_path = "/" + quote(identity_db(idn, "data"), safe="")
     data = f"/data/{COLLECTION}"
 
-    seeded = [uuid.uuid4().hex for _ in range(args.seed_docs)]
+    seeded = [uuid.uuid4().hex for _ in range(seed_docs)]
     docs = [
         layout.to_storage(COLLECTION, doc_id, {"n": i, "group": i % GROUPS, "title": f"t{i}"})
         for i, doc_id in enumerate(seeded)
@@ -204,6 +218,14 @@ def run(daemon: Daemon, engine: Engine, args: argparse.Namespace) -> None:
             [("PUT", f"{db_path}/{COLLECTION}%3A{{n}}", basic, body)],
         ),
     }
+    return Workload(idn, couch, ops)
+
+
+def run(daemon: Daemon, engine: Engine, args: argparse.Namespace) -> None:
+    base = daemon.url
+    work = prepare(daemon, engine, args.seed_docs)
+    idn, couch, ops = work.idn, work.couch, work.ops
+    start, _ = layout.collection_range(COLLECTION)
     wanted = [name for name in args.ops.split(",") if name]
 
     modes = ["shared", "pinned"] if args.cpus == "both" else [args.cpus]
