@@ -32,7 +32,15 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import BIN, Daemon, Engine, add_engine_arguments, fixed_load, free_port  # noqa: E402
+from bench.common import (  # noqa: E402
+    BIN,
+    Daemon,
+    Engine,
+    Request,
+    add_engine_arguments,
+    fixed_load,
+    free_port,
+)
 from bench.data import prepare  # noqa: E402
 
 FLOOR_SITE = """
@@ -67,9 +75,7 @@ def valgrind(out_dir: Path) -> list[str]:
 
 
 def control(pid: int, *args: str) -> None:
-    subprocess.run(
-        ["callgrind_control", *args, str(pid)], check=True, stdout=subprocess.DEVNULL
-    )
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, stdout=subprocess.DEVNULL)
 
 
 def counted(pid: int, out_dir: Path, label: str, send: object) -> int:
@@ -142,16 +148,16 @@ def main(args: argparse.Namespace) -> None:
             for name in wanted:
                 through, _ = work.ops[name]
                 fixed_load(daemon.url, through, count=args.warmup, connections=args.concurrency)
-                errors = 0
+                outcome: list[int] = []
 
-                def send() -> None:
-                    nonlocal errors
+                def send(requests: list[Request] = through, outcome: list[int] = outcome) -> None:
                     _, errors = fixed_load(
-                        daemon.url, through, count=args.requests, connections=args.concurrency
+                        daemon.url, requests, count=args.requests, connections=args.concurrency
                     )
+                    outcome.append(errors)
 
                 total = counted(daemon.pid, out_dir, name, send)
-                rows.append((name, total // args.requests, errors))
+                rows.append((name, total // args.requests, sum(outcome)))
         finally:
             daemon.stop()
             engine.stop()

@@ -96,6 +96,7 @@ def measure(
     ``profile``, py-spy samples vibed meanwhile into that file (collapsed stacks)."""
     spy = None
     if profile is not None and daemon_pid is not None:
+        profile.parent.mkdir(parents=True, exist_ok=True)
         spy = subprocess.Popen(
             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(daemon_pid),
              "--format", "raw", "--output", str(profile), "--nonblocking",

@@ -41,10 +41,11 @@ MAX_AGE = b"600"
 def allowed(path: bytes) -> bool:
     """Whether ``path`` (no query, as sent) may be called from any origin. Decided on the
     percent-decoded path, the one the router matches: ``/me/%6Bey`` is ``/me/key``."""
-    path = unquote_to_bytes(path)
-    if any(path.startswith(p) for p in EXCLUDED):
+    if b"%" in path:
+        path = unquote_to_bytes(path)
+    if path.startswith(EXCLUDED):
         return False
-    return path in EXACT or any(path.startswith(p) for p in PREFIXES)
+    return path in EXACT or path.startswith(PREFIXES)
 
 
 @implementer(IResource)

@@ -162,7 +162,10 @@ class TokenIssuer:
     #: Payloads of tokens whose signature, algorithm, key, issuer and audience were verified
     #: (what never changes for a given token), by the token's text. Time claims and
     #: revocation are checked on every use, cached or not.
-    _verified: dict[str, dict[str, Any]] = field(factory=dict, init=False, repr=False)
+    #: Verified tokens: their claims and ``nbf`` (times are checked again at every use).
+    _verified: dict[str, tuple[AccessClaims, int | None]] = field(
+        factory=dict, init=False, repr=False
+    )
 
     def __attrs_post_init__(self) -> None:
         self._public_key = self.key.public_key()
@@ -215,14 +218,18 @@ class TokenIssuer:
         """
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LEN:
             raise InvalidToken("malformed token")
-        payload = self._verified.get(token)
-        if payload is None:
+        entry = self._verified.get(token)
+        if entry is None:
             payload = self._verify_signed(token)
+            claims = self._check_claims(payload)
             if len(self._verified) >= VERIFIED_CACHE_SIZE:
                 # Oldest first (dicts keep insertion order): old tokens expire first too.
                 del self._verified[next(iter(self._verified))]
-            self._verified[token] = payload
-        claims = self._check_claims(payload)
+            # The claims of a signed token never change: only time and revocation do.
+            entry = self._verified[token] = (claims, payload.get("nbf"))
+        else:
+            claims = entry[0]
+            self._check_times(claims.exp, claims.iat, entry[1])
         if self.revocations is not None and self.revocations.is_revoked(
             claims.sub, claims.iat, claims.sid, claims.gid
         ):
@@ -272,15 +279,18 @@ class TokenIssuer:
             raise InvalidToken("malformed token")
         return payload
 
-    def _check_claims(self, payload: dict[str, Any]) -> AccessClaims:
+    def _check_times(self, exp: int, iat: int, nbf: int | None) -> None:
         now = self.clock()
-        exp, iat, nbf = payload["exp"], payload["iat"], payload.get("nbf")
-        if not _is_int(exp) or not _is_int(iat) or (nbf is not None and not _is_int(nbf)):
-            raise InvalidToken("malformed time claim")
         if now > exp + LEEWAY:
             raise InvalidToken("token expired")
         if iat > now + LEEWAY or (nbf is not None and nbf > now + LEEWAY):
             raise InvalidToken("token not yet valid")
+
+    def _check_claims(self, payload: dict[str, Any]) -> AccessClaims:
+        exp, iat, nbf = payload["exp"], payload["iat"], payload.get("nbf")
+        if not _is_int(exp) or not _is_int(iat) or (nbf is not None and not _is_int(nbf)):
+            raise InvalidToken("malformed time claim")
+        self._check_times(exp, iat, nbf)
         sub, scp, jti, sid = payload["sub"], payload.get("scp"), payload["jti"], payload.get("sid")
         if not isinstance(sub, str) or not sub:
             raise InvalidToken("malformed sub claim")

@@ -17,6 +17,7 @@ proxies, which carry many clients, are exempt and must enforce it themselves).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import IO, Any, cast
 
@@ -28,7 +29,8 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, datetimeToString, unquote
-from twisted.web.resource import IResource
+from twisted.web.http_headers import Headers
+from twisted.web.resource import IResource, _IEncodingResource
 from twisted.web.server import Request, Site
 
 from vibed.errors import PROBLEM_BASE, PROBLEM_JSON
@@ -58,23 +60,53 @@ BASE_HEADERS = (
 )
 
 
+def _canonical(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    """``headers`` with their names as twisted.web's ``Headers`` stores them."""
+    probe = Headers()
+    for name, value in headers:
+        probe.setRawHeaders(name, [value])
+    return tuple((name, values[0]) for name, values in probe.getAllRawHeaders())
+
+
+#: BASE_HEADERS and the server's name, ready to go straight into a response's headers.
+_PROCESS_HEADERS = _canonical((*BASE_HEADERS, (b"Server", b"vibed")))
+_S = (b"S", b"s", "S", "s")
+_date_second = -1
+_date_value = b""
+
+
+def http_date() -> bytes:
+    """The ``Date`` header's value for now (formatted once a second, not per request)."""
+    global _date_second, _date_value
+    now = time.time()
+    second = int(now)
+    if second != _date_second:
+        _date_value = datetimeToString(now)
+        _date_second = second
+    return _date_value
+
+
 class VibeRequest(Request):
     """A Request that refuses bodies over its route's limit as soon as it can tell, sends the
     base security headers, names no server version, and answers a URL that is not UTF-8 with
     a problem of ours (Klein's is a text/html line and a logged traceback)."""
 
     def setHeader(self, name: bytes | str, value: bytes | str) -> None:  # noqa: N802
-        if (name.encode("ascii") if isinstance(name, str) else name).lower() == b"server":
+        if name[:1] in _S and (
+            (name.encode("ascii") if isinstance(name, str) else name).lower() == b"server"
+        ):
             value = b"vibed"  # twisted.web would name itself and its version
-        super().setHeader(name, value)
+        self.responseHeaders.setRawHeaders(name, [value])
 
     def process(self) -> None:
-        for name, value in BASE_HEADERS:
-            self.setHeader(name, value)
+        # twisted.web's Request.process, with the headers every answer carries put straight
+        # into the response's headers (names canonical, values known to be clean).
+        raw: dict[bytes, list[bytes]] = self.responseHeaders._rawHeaders
+        for name, value in _PROCESS_HEADERS:
+            raw[name] = [value]
+        self.site = cast(Any, self.channel).site
+        raw[b"Date"] = [http_date()]
         if not self._url_is_utf8():
-            self.site = cast(Any, self.channel).site
-            self.setHeader(b"Server", b"vibed")
-            self.setHeader(b"Date", datetimeToString())
             body = json.dumps(
                 {
                     "type": PROBLEM_BASE + "bad-request",
@@ -90,11 +122,28 @@ class VibeRequest(Request):
             self.write(body)
             self.finish()
             return
-        super().process()
+        self.prepath = []
+        self.postpath = list(map(unquote, self.path[1:].split(b"/")))
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            resrc = self.site.getResourceFor(self)
+            if _IEncodingResource.providedBy(resrc):
+                encoder = resrc.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(resrc)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def _url_is_utf8(self) -> bool:
+        path = self.path
+        host = self.requestHeaders._rawHeaders.get(b"Host")
+        if path.isascii() and b"%" not in path and (not host or host[-1].isascii()):
+            return True  # the usual case: nothing to decode
         try:
-            unquote(self.path).decode("utf-8")
+            unquote(path).decode("utf-8")
             (self.getHeader(b"host") or b"").decode("utf-8")
         except UnicodeDecodeError:
             return False
