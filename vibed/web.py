@@ -255,6 +255,8 @@ class VibeChannel(HTTPChannel):
 
     _vibe_phase = "head"  # head | body | handling | idle
     _vibe_timer: IDelayedCall | None = None
+    _vibe_due: Callable[[], None] | None = None  # what to call at _vibe_deadline
+    _vibe_deadline = 0.0
     _vibe_body_bytes = 0
     _vibe_window_start = 0
 
@@ -263,14 +265,47 @@ class VibeChannel(HTTPChannel):
         site = getattr(self, "site", None)
         return getattr(site, "limits", None) or ConnectionLimits()
 
-    def _arm(self, delay: float, then: Any) -> None:
-        self._disarm()
-        self._vibe_timer = self.callLater(delay, then)
+    # One timer per connection, moved lazily: arming sets a deadline and leaves a timer that
+    # fires no later in place; when it fires early it sleeps again until the deadline. A
+    # keep-alive connection serving request after request so schedules one timer every
+    # ``header_timeout`` seconds instead of two per request.
+
+    def _arm(self, delay: float, then: Callable[[], None]) -> None:
+        deadline = self._vibe_seconds() + delay
+        self._vibe_due = then
+        self._vibe_deadline = deadline
+        timer = self._vibe_timer
+        if timer is not None:
+            if timer.getTime() <= deadline:
+                return
+            timer.cancel()
+        self._vibe_timer = self.callLater(delay, self._fire)
 
     def _disarm(self) -> None:
-        if self._vibe_timer is not None and self._vibe_timer.active():
-            self._vibe_timer.cancel()
+        self._vibe_due = None
+
+    def _vibe_seconds(self) -> float:
+        """Now, on the clock ``callLater`` schedules on (the reactor, or a test's Clock)."""
+        owner = getattr(self.callLater, "__self__", None)
+        seconds = getattr(owner, "seconds", None)
+        if seconds is None:
+            from twisted.internet import reactor
+
+            seconds = cast(Any, reactor).seconds
+        self._vibe_seconds = seconds  # type: ignore[method-assign]
+        return cast(float, seconds())
+
+    def _fire(self) -> None:
         self._vibe_timer = None
+        due = self._vibe_due
+        if due is None:
+            return
+        left = self._vibe_deadline - self._vibe_seconds()
+        if left > 0:
+            self._vibe_timer = self.callLater(left, self._fire)
+            return
+        self._vibe_due = None
+        due()
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
         super().connectionMade()
@@ -308,7 +343,10 @@ class VibeChannel(HTTPChannel):
             self._arm(self._limits.header_timeout, self._head_too_slow)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
-        self._disarm()
+        self._vibe_due = None
+        if self._vibe_timer is not None and self._vibe_timer.active():
+            self._vibe_timer.cancel()
+        self._vibe_timer = None
         super().connectionLost(reason)
 
     def _head_too_slow(self) -> None:

@@ -1,0 +1,84 @@
+"""VibeChannel's progress timers on a keep-alive connection, on a Clock: one timer is moved
+lazily from request to request, and every request head still gets its whole
+``header_timeout`` from its own first byte (never less, never much more)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
+
+from vibed.web import ConnectionLimits, VibeSite
+
+
+class Hello(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:  # noqa: N802 (twisted.web API)
+        return b"hi"
+
+    def render_POST(self, request: Any) -> bytes:  # noqa: N802
+        return b"got " + request.content.read()
+
+
+def connect(clock: Clock, **limits: Any) -> tuple[Any, StringTransport]:
+    site = VibeSite(Hello(), access_log="off", limits=ConnectionLimits(**limits))
+    site.reactor = clock  # type: ignore[assignment]
+    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+    channel.callLater = clock.callLater
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_a_later_request_head_gets_its_whole_header_timeout() -> None:
+    """A head begun 15 s into a connection (after a first request was served) is not cut at
+    the first request's deadline (20 s) but at its own (35 s), with a 408."""
+    clock = Clock()
+    channel, transport = connect(clock, header_timeout=20.0, idle_timeout=600.0)
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    transport.clear()
+    clock.advance(15)
+    channel.dataReceived(b"GET /b HTTP/1.1\r\nHo")  # a head, left unfinished
+    clock.advance(6)  # 21 s: past the first head's deadline
+    assert not transport.disconnecting and transport.value() == b""
+    clock.advance(13.9)  # 34.9 s
+    assert not transport.disconnecting
+    clock.advance(0.2)  # 35.1 s: the unfinished head's own deadline has passed
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert transport.disconnecting
+
+
+def test_a_fast_keep_alive_client_is_never_cut_and_leaves_one_timer() -> None:
+    """A client sending a request every second for a minute is served every time, and the
+    connection holds at most one pending progress timer (not one per request)."""
+    clock = Clock()
+    channel, transport = connect(clock, header_timeout=5.0, body_timeout=5.0, idle_timeout=600)
+    for i in range(60):
+        transport.clear()
+        channel.dataReceived(
+            b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n%02d" % (i % 100)
+        )
+        assert transport.value().startswith(b"HTTP/1.1 200 "), i
+        assert transport.value().endswith(b"got %02d" % (i % 100))
+        pending = [c for c in clock.getDelayedCalls() if c.func == channel._fire]
+        assert len(pending) <= 1
+        clock.advance(1)
+    assert not transport.disconnecting
+
+
+def test_a_body_phase_deadline_sooner_than_the_pending_timer_is_kept() -> None:
+    """After a head, a body that stops arriving is cut at its own body_timeout even when it
+    is shorter than the header timeout still pending (the timer is moved sooner)."""
+    clock = Clock()
+    channel, transport = connect(
+        clock, header_timeout=30.0, body_timeout=2.0, body_min_rate=10, idle_timeout=600
+    )
+    channel.dataReceived(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab")
+    clock.advance(2.1)
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+    assert transport.disconnecting
