@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 
@@ -27,6 +28,7 @@ def is_idn(value: object) -> bool:
     return isinstance(value, str) and _IDN.match(value) is not None
 
 
+@functools.lru_cache(maxsize=4096)
 def identity_db(idn: str, kind: str) -> str:
     """``db_<uuid hex>_<kind>``: CouchDB names allow ``[a-z][a-z0-9_$()+/-]*``, so the uuid
     goes in without its dashes and the ``idn:`` prefix."""

@@ -17,18 +17,20 @@ proxies, which carry many clients, are exempt and must enforce it themselves).
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import IO, Any, cast
 
 from attrs import define, frozen
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, datetimeToString, unquote
+from twisted.web.http import HTTPChannel, _escape, datetimeToString, unquote
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, _IEncodingResource
 from twisted.web.server import Request, Site
@@ -307,6 +309,21 @@ class VibeChannel(HTTPChannel):
         self._vibe_due = None
         due()
 
+    _vibe_peer: Any = None
+    _vibe_host: Any = None
+
+    def getPeer(self) -> Any:  # noqa: N802 (Twisted API)
+        # Every Request asks (twice per request with the access log); the transport would
+        # build a new address object each time.
+        if self._vibe_peer is None:
+            self._vibe_peer = super().getPeer()
+        return self._vibe_peer
+
+    def getHost(self) -> Any:  # noqa: N802 (Twisted API)
+        if self._vibe_host is None:
+            self._vibe_host = super().getHost()
+        return self._vibe_host
+
     def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
         super().connectionMade()
         self._vibe_phase = "head"
@@ -440,12 +457,33 @@ class VibeSite(Site):
     def log(self, request: Any) -> None:
         if self.access_log == "off":
             return
-        uri = request.uri
-        request.uri = uri.split(b"?", 1)[0]
-        try:
-            super().log(request)
-        finally:
-            request.uri = uri
+        log_file: Any = self._logFile
+        if log_file is not None:
+            log_file.write(access_line(self._logDateTime, request) + "\n")
+
+
+#: Bytes that twisted.web's access-log escaping (``_escape``) leaves as they are.
+_PLAIN_LOG = re.compile(rb"[ !#-&(-\[\]-~]*\Z")
+
+
+def _log_text(value: bytes | str) -> str:
+    raw = value if isinstance(value, bytes) else value.encode("ascii")
+    return raw.decode("ascii") if _PLAIN_LOG.match(raw) else cast(str, _escape(raw))
+
+
+def access_line(timestamp: str | None, request: Any) -> str:
+    """twisted.web's ``combinedLogFormatter`` line for ``request``, without the query string
+    (tokens may ride in one), escaped the same way but only where a value needs it."""
+    client = request.getClientAddress()
+    ip = client.host if isinstance(client, (IPv4Address, IPv6Address)) else b"-"
+    referrer = request.getHeader(b"referer") or b"-"
+    agent = request.getHeader(b"user-agent") or b"-"
+    return (
+        f'"{_log_text(ip)}" - - {timestamp} "{_log_text(request.method)} '
+        f'{_log_text(request.uri.split(b"?", 1)[0])} {_log_text(request.clientproto)}" '
+        f'{request.code:d} {request.sentLength or "-"} "{_log_text(referrer)}" '
+        f'"{_log_text(agent)}"'
+    )
 
 
 class _Counted(ProtocolWrapper):
