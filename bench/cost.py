@@ -139,7 +139,6 @@ def main(args: argparse.Namespace) -> None:
         engine = Engine(args.couchdb).start()
         extra = ["--couchdb", engine.url, *shlex.split(args.vibed_args)]
         env = {"PYTHONPATH": str(Path(args.vibed_src).resolve())} if args.vibed_src else {}
-        env["PYTHONMALLOC"] = "malloc"  # valgrind sees real allocations, not pymalloc arenas
         daemon = Daemon(*extra, env=env, wrapper=valgrind(out_dir))
         try:
             daemon.start(timeout=900)

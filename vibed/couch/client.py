@@ -58,7 +58,7 @@ from vibed.couch.errors import (
     CouchUnauthorized,
     CouchUnavailable,
 )
-from vibed.couch.wire import WirePool
+from vibed.couch.wire import WirePool, WireTimeout
 
 __all__ = ["ChangesFeed", "CouchDatabase", "CouchServer", "FindResult"]
 
@@ -343,7 +343,12 @@ class CouchServer:
                 + b"\r\n\r\n"
                 + payload
             )
-        return wire.request(data, head_only=method == "HEAD", retry=method in ("GET", "HEAD"))
+        return wire.request(
+            data,
+            head_only=method == "HEAD",
+            retry=method in ("GET", "HEAD"),
+            timeout=self.timeout,
+        )
 
     def _open(self, method: str, path: str, params: Mapping[str, str], body: Any) -> Deferred[Any]:
         """Start a request; the Deferred fires with the (unbuffered) response."""
@@ -440,28 +445,12 @@ class CouchServer:
     async def _request_wire(
         self, wire: WirePool, method: str, path: str, params: Mapping[str, str], body: Any
     ) -> Any:
-        timed_out = False
-        sending = self._send(wire, method, path, params, body)
-
-        def expire() -> None:
-            nonlocal timed_out
-            timed_out = True
-            sending.cancel()
-
-        timer: IDelayedCall = self._clock().callLater(self.timeout, expire)
         try:
-            answer = await sending
-        except CancelledError:
-            if timed_out:
-                raise CouchUnavailable(
-                    0, "timeout", f"no answer within {self.timeout:g} s"
-                ) from None
-            raise
+            answer = await self._send(wire, method, path, params, body)
+        except WireTimeout:
+            raise CouchUnavailable(0, "timeout", f"no answer within {self.timeout:g} s") from None
         except _TRANSPORT_ERRORS as exc:
             raise _transport_error(exc) from None
-        finally:
-            if timer.active():
-                timer.cancel()
         status = answer.code
         raw = answer.body
         if not 200 <= status < 300:

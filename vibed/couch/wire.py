@@ -35,7 +35,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-__all__ = ["Answer", "WirePool"]
+__all__ = ["Answer", "WirePool", "WireTimeout"]
 
 _MAX_HEAD = 64 * 1024  # status line and headers
 _MAX_BODY = 256 * 1024 * 1024
@@ -57,6 +57,10 @@ class BadAnswer(ierror.ConnectionLost):
     """The server's bytes are not an HTTP/1.1 answer this client understands."""
 
 
+class WireTimeout(Exception):
+    """No complete answer by the request's deadline (the connection was aborted)."""
+
+
 class _Connection(Protocol):
     """One persistent connection; ``send`` one request, then the next after its answer."""
 
@@ -68,6 +72,11 @@ class _Connection(Protocol):
         self.idle_since = 0.0
         self.closed = False
         self.lost: Deferred[None] = Deferred()
+        # The answer being waited for must be complete by ``deadline``. One timer per
+        # connection, moved lazily: a request whose deadline is no sooner than the pending
+        # timer leaves it in place, and the timer sleeps again when it fires early.
+        self.deadline: float | None = None
+        self._timer: Any = None
         self._reset()
 
     def _reset(self) -> None:
@@ -81,14 +90,38 @@ class _Connection(Protocol):
         self._got = 0
         self._chunk_left = _CHUNK_SIZE  # chunked: bytes left in the chunk, or a state
 
-    def send(self, data: bytes, head_only: bool) -> Deferred[Answer]:
+    def send(self, data: bytes, head_only: bool, deadline: float | None = None) -> Deferred[Answer]:
         self._reset()
         self.head_only = head_only
         self.received_any = False
         self.waiting = Deferred(self._cancel)
+        self.deadline = deadline
+        if deadline is not None:
+            timer = self._timer
+            if timer is None or timer.getTime() > deadline:
+                if timer is not None:
+                    timer.cancel()
+                reactor = self.pool.reactor
+                self._timer = reactor.callLater(
+                    max(0.0, deadline - reactor.seconds()), self._check_deadline
+                )
         assert self.transport is not None
         self.transport.write(data)
         return self.waiting
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        if self.waiting is None or self.deadline is None:
+            return  # idle, or the request has no deadline: no timer until the next one
+        left = self.deadline - self.pool.reactor.seconds()
+        if left > 0:
+            self._timer = self.pool.reactor.callLater(left, self._check_deadline)
+            return
+        waiting, self.waiting = self.waiting, None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        waiting.errback(WireTimeout())
 
     def _cancel(self, _: Deferred[Answer]) -> None:
         self.waiting = None
@@ -257,6 +290,9 @@ class _Connection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self.closed = True
         self.pool._forget(self)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         if not self.lost.called:
             self.lost.callback(None)
         if self.waiting is None:
@@ -317,31 +353,39 @@ class WirePool:
         bracketed = f"[{host}]" if ":" in host else host
         self.host_header = bracketed if port in (80, 443) else f"{bracketed}:{port}"
 
-    def request(self, data: bytes, *, head_only: bool, retry: bool) -> Deferred[Answer]:
+    def request(
+        self, data: bytes, *, head_only: bool, retry: bool, timeout: float | None = None
+    ) -> Deferred[Answer]:
         """Send the bytes of one whole request; the Deferred fires with the Answer.
 
         ``retry``: the request may be sent again on a new connection if a reused one fails
-        before any byte of the answer arrived (safe methods only)."""
-        connection = self._take()
+        before any byte of the answer arrived (safe methods only). ``timeout``: seconds for
+        the whole exchange (connecting included), after which the Deferred fails with
+        :class:`WireTimeout` and the connection is aborted."""
+        now = self.reactor.seconds()
+        deadline = now + timeout if timeout is not None else None
+        connection = self._take(now)
         if connection is None:
-            return Deferred.fromCoroutine(self._fresh(data, head_only))
-        d = connection.send(data, head_only)
+            return Deferred.fromCoroutine(self._fresh(data, head_only, deadline))
+        d = connection.send(data, head_only, deadline)
         if retry:
 
             def again(failure: Failure) -> Any:
-                if failure.check(CancelledError) or connection.received_any:
+                if failure.check(CancelledError, WireTimeout) or connection.received_any:
                     return failure
-                return Deferred.fromCoroutine(self._fresh(data, head_only))
+                return Deferred.fromCoroutine(self._fresh(data, head_only, deadline))
 
             d.addErrback(again)
         return d
 
-    async def _fresh(self, data: bytes, head_only: bool) -> Answer:
+    async def _fresh(self, data: bytes, head_only: bool, deadline: float | None) -> Answer:
         connection = await self._connect()
-        return await connection.send(data, head_only)
+        if deadline is not None and self.reactor.seconds() >= deadline:
+            self._release(connection)
+            raise WireTimeout()
+        return await connection.send(data, head_only, deadline)
 
-    def _take(self) -> _Connection | None:
-        now = self.reactor.seconds()
+    def _take(self, now: float) -> _Connection | None:
         while self._idle:
             connection = self._idle.pop()
             if connection.closed or now - connection.idle_since > self.idle_timeout:
