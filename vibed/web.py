@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import IO, Any, cast
 
 from attrs import define, frozen
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
@@ -219,6 +220,34 @@ class VibeRequest(Request):
                 pass
 
 
+def send_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, but a plain TCP connection with nothing queued sends it at
+    once: twisted would queue it, ask epoll to report the socket writable, send on the next
+    turn of the reactor and ask epoll to stop (two system calls and a reactor turn per
+    write). What the socket does not take, and anything on another transport (TLS, a test's
+    StringTransport), goes through ``write`` as before, so the order of bytes is kept."""
+    raw = transport
+    while isinstance(raw, ProtocolWrapper):
+        raw = raw.transport
+    if (
+        isinstance(raw, tcp.Connection)
+        and not getattr(raw, "TLS", False)
+        and raw.connected
+        and not raw.disconnecting
+        and not raw._writeDisconnected
+        and not raw._tempDataBuffer
+        and raw.offset == len(raw.dataBuffer)
+    ):
+        try:
+            sent = raw.socket.send(data)
+        except OSError:  # EAGAIN, or an error the transport will meet and report itself
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
 @frozen
 class ConnectionLimits:
     """How long a client may take, and how many connections one address may hold."""
@@ -311,6 +340,41 @@ class VibeChannel(HTTPChannel):
 
     _vibe_peer: Any = None
     _vibe_host: Any = None
+    #: Set by a route about to write a whole answer (headers, one body write, finish): the
+    #: head is then held back and sent with the body, in one piece, by ``send_now``.
+    vibe_whole_answer = False
+    _vibe_head: list[bytes] | None = None
+
+    def writeHeaders(  # noqa: N802 (Twisted API)
+        self, version: bytes, code: bytes, reason: bytes, headers: Any
+    ) -> None:
+        if not self.vibe_whole_answer or not isinstance(headers, Headers):
+            super().writeHeaders(version, code, reason, headers)
+            return
+        self.vibe_whole_answer = False
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self._vibe_head = head
+
+    def _vibe_flush(self, more: list[bytes]) -> None:
+        head, self._vibe_head = self._vibe_head, None
+        assert head is not None
+        send_now(self.transport, b"".join(head + more))
+
+    def write(self, data: bytes) -> None:
+        if self._vibe_head is not None:
+            self._vibe_flush([data])
+        else:
+            super().write(data)
+
+    def writeSequence(self, iovec: list[bytes]) -> None:  # noqa: N802
+        if self._vibe_head is not None:
+            self._vibe_flush(list(iovec))
+        else:
+            super().writeSequence(iovec)
 
     def getPeer(self) -> Any:  # noqa: N802 (Twisted API)
         # Every Request asks (twice per request with the access log); the transport would
@@ -352,6 +416,9 @@ class VibeChannel(HTTPChannel):
         super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:  # noqa: N802
+        self.vibe_whole_answer = False
+        if self._vibe_head is not None:  # a head with no body after it (never left unsent)
+            self._vibe_flush([])
         self._vibe_phase = "idle"
         super().requestDone(request)
         # Replayed pipelined bytes may have started the next head without dataReceived.

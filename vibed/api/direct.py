@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from vibed.errors import answer_failure
+from vibed.web import VibeChannel
 
 from .data import DataAPI
 
@@ -97,6 +98,9 @@ class DirectRoutes:
             if finished:
                 return
             if body:
+                channel = cast(Any, request).channel
+                if isinstance(channel, VibeChannel):
+                    channel.vibe_whole_answer = True  # the head goes out with the body
                 request.write(body)
             request.finish()
 

@@ -35,6 +35,8 @@ from twisted.internet.endpoints import (
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
+from vibed.web import send_now
+
 __all__ = ["Answer", "WirePool", "WireTimeout"]
 
 _MAX_HEAD = 64 * 1024  # status line and headers
@@ -106,7 +108,7 @@ class _Connection(Protocol):
                     max(0.0, deadline - reactor.seconds()), self._check_deadline
                 )
         assert self.transport is not None
-        self.transport.write(data)
+        send_now(self.transport, data)
         return self.waiting
 
     def _check_deadline(self) -> None:
