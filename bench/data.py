@@ -21,7 +21,8 @@ proxy's own cost shows apart from the competition for cores; wrk is not pinned.
 
 Operations: ``get`` one document by id; ``create`` one document (POST; direct: PUT with a new
 id); ``list`` 25 documents (``_all_docs`` over the collection's key range); ``query`` 25 by a
-field with its index declared (``{"group": k}``); ``sorted`` the same sorted by ``n``.
+field with its index declared (``{"group": k}``); ``sorted`` the same sorted by ``n``; ``floor``
+the yardstick, a bare twisted.web site answering fixed bytes (bench/cost.py's) on vibed's CPUs.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import urllib.request
 import uuid
 from pathlib import Path
@@ -49,6 +51,7 @@ from bench.common import (  # noqa: E402
     WrkResult,
     add_engine_arguments,
     cpu_seconds,
+    free_port,
     pin,
     vibed_env,
     wrk,
@@ -222,6 +225,39 @@ def prepare(daemon: Daemon, engine: Engine, seed_docs: int) -> Workload:
     return Workload(idn, couch, ops)
 
 
+def floor_row(mode: str, args: argparse.Namespace) -> None:
+    """The yardstick: a bare twisted.web site answering fixed bytes (bench/cost.py's), under
+    the same wrk load and on vibed's CPUs; its CPU per request is about as low as a Python
+    HTTP server on twisted.web goes (one HTTP exchange, where a proxied request has two)."""
+    from bench.cost import FLOOR_SITE
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="vibed-floor-") as tmp:
+        script = Path(tmp) / "floor_site.py"
+        script.write_text(FLOOR_SITE)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(port)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert proc.stdout is not None
+            proc.stdout.readline()
+            pin(proc.pid, "0" if mode == "pinned" else "0-1")
+            base = f"http://127.0.0.1:{port}"
+            bearer = {"Authorization": "Bearer " + "x" * 300}  # about a real token's size
+            requests: list[Request] = [("GET", "/x", bearer, None)]
+            wrk(base, requests, seconds=1, connections=args.concurrency)
+            result, cpu, _ = measure(base, requests, args, proc.pid, None)
+        finally:
+            proc.terminate()
+            proc.wait()
+    print(
+        f"{'floor':<7} {mode:<6} | {result.rate:8.0f} {result.p50 * 1e3:7.1f} "
+        f"{result.p99 * 1e3:7.1f} | {'':>8} {'':>7} {'':>7} | {'':>5} | {cpu * 1e3:9.3f} "
+        f"{'':>9} {'':>10} | {result.errors:>7}   (bare twisted.web, fixed bytes)",
+        flush=True,
+    )
+
+
 def run(daemon: Daemon, engine: Engine, args: argparse.Namespace) -> None:
     base = daemon.url
     work = prepare(daemon, engine, args.seed_docs)
@@ -255,6 +291,9 @@ def run(daemon: Daemon, engine: Engine, args: argparse.Namespace) -> None:
             pin(daemon.pid, "0-1")
             pin(engine.pid, "0-1")
         for name in wanted:
+            if name == "floor":
+                floor_row(mode, args)
+                continue
             through, straight = ops[name]
             wrk(base, through, seconds=1, connections=args.concurrency)  # warm up both paths
             wrk(couch, straight, seconds=1, connections=args.concurrency)

@@ -140,6 +140,16 @@ class VibeRequest(Request):
         except BaseException:
             self.processingFailed(Failure())
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
+        # twisted.web parses a POST's Content-Type with the email package (about a tenth of
+        # a proxied create) only to see whether the body is a form to decode into ``args``.
+        # A type that cannot name a form (a JSON body's) skips that; forms are decoded as ever.
+        if command == b"POST" and self._parsePOSTFormSubmission:
+            ctype = self.requestHeaders._rawHeaders.get(b"Content-Type")
+            if ctype and b"form" not in ctype[0].lower() and b"=?" not in ctype[0]:
+                self._parsePOSTFormSubmission = False
+        super().requestReceived(command, path, version)
+
     def _url_is_utf8(self) -> bool:
         path = self.path
         host = self.requestHeaders._rawHeaders.get(b"Host")
@@ -159,7 +169,11 @@ class VibeRequest(Request):
     def _policy(self) -> BodyPolicy | None:
         site = getattr(self.channel, "site", None)
         policies: dict[bytes, BodyPolicy] = getattr(site, "body_policies", {})
+        if not policies:
+            return None
         path = self.uri.split(b"?", 1)[0]
+        if not path.startswith(tuple(policies)):
+            return None  # the usual case: no policy for this path
         for prefix, policy in policies.items():
             if path.startswith(prefix):
                 return policy
