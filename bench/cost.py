@@ -113,7 +113,7 @@ def floor(args: argparse.Namespace, out_dir: Path) -> int:
         assert proc.stdout is not None
         proc.stdout.readline()
         base = f"http://127.0.0.1:{port}"
-        requests = [("GET", "/x", {"Authorization": "Bearer " + "x" * 300}, None)]
+        requests: list[Request] = [("GET", "/x", {"Authorization": "Bearer " + "x" * 300}, None)]
         fixed_load(base, requests, count=100, connections=args.concurrency)
         total = counted(
             proc.pid,
