@@ -21,7 +21,8 @@ from harness import Response, Vibed, make_config
 from twisted.internet.defer import DeferredList, ensureDeferred
 
 from vibed.couch import CouchServer
-from vibed.layout import TAG
+from vibed.couch.client import CouchDatabase
+from vibed.layout import INDEX_DDOC_PREFIX, TAG
 from vibed.naming import identity_db
 
 
@@ -377,6 +378,80 @@ async def test_a_query_never_leaves_its_collection(vibed: Vibed, alice: Person) 
     assert_problem(await vibed.request("GET", url(notes, todo_ids[0]), token=alice.token), 404)
     sorted_by_id = await vibed.request("GET", url(notes, sort=["_id"]), token=alice.token)
     assert [d["kind"] for d in sorted_by_id.json()["docs"]] == ["note"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_field_query_is_served_by_the_declared_index(
+    vibed: Vibed,
+    alice: Person,
+    couch_url: str,
+    couch_engine: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A query on a field the app declared an index for (sorted or not) is answered from that
+    index, not by reading the collection's whole key range: given exactly the ``_find`` vibed
+    sent (captured on its way out), the engine's own ``_explain`` picks the collection's
+    declared index (the one on ``[tag, field]``); on Apache CouchDB it reads the index from
+    ``[collection, value]`` and ``execution_stats`` show that only the matching keys were
+    examined. Another collection with the same field and its own index, and a second index
+    of the collection, are there to be picked wrongly."""
+    c, other = coll(), coll()
+    for i in range(12):
+        await create(vibed, alice, c, {"group": i % 3, "n": i})
+        await create(vibed, alice, other, {"group": 1, "n": i})
+    names = {}
+    for collection, fields in ((c, ["group"]), (c, ["n"]), (other, ["group"])):
+        made = await vibed.request(
+            "POST", url(collection, "_index"), {"fields": fields}, token=alice.token
+        )
+        assert made.code == 201, made.content
+        names[collection, fields[0]] = made.json()["name"]
+
+    sent: list[dict[str, Any]] = []
+    real_find = CouchDatabase.find
+
+    async def find(self: CouchDatabase, selector: dict[str, Any], **kwargs: Any) -> Any:
+        body = {"selector": selector, "limit": kwargs["limit"]}
+        body.update({k: kwargs[k] for k in ("sort", "use_index") if kwargs.get(k) is not None})
+        sent.append(body)
+        return await real_find(self, selector, **kwargs)
+
+    monkeypatch.setattr(CouchDatabase, "find", find)
+    queries = [
+        ({"q": {"group": 1}}, "group", [1, 4, 7, 10]),
+        ({"q": {"group": 1}, "sort": ["n"]}, "n", [1, 4, 7, 10]),
+    ]
+    couch = CouchServer.from_url(couch_url)
+    db = quote(identity_db(alice.idn, "data"), safe="")
+    try:
+        for params, field, expected in queries:
+            resp = await vibed.request("GET", url(c, **params), token=alice.token)
+            assert resp.code == 200, resp.content
+            assert sorted(d["n"] for d in resp.json()["docs"]) == expected
+            body = sent.pop()
+            explain = await couch.request("POST", f"{db}/_explain", body=body)
+            # The same fields declared in two collections make identical indexes (one on
+            # disk): either design doc serves, the key range keeps to the collection.
+            picked = explain["index"]
+            assert picked["name"] == names[c, field], (params, picked)
+            assert picked["ddoc"].startswith(f"_design/{INDEX_DDOC_PREFIX}"), picked
+            columns = [next(iter(f)) if isinstance(f, dict) else f for f in picked["def"]["fields"]]
+            assert columns == [TAG, field], picked
+            if couch_engine != "couchdb":
+                continue
+            if field == "group":
+                assert explain["mrargs"]["start_key"] == [c, 1], explain["mrargs"]
+            else:
+                assert explain["mrargs"]["start_key"] == [c], explain["mrargs"]
+            found = await couch.request(
+                "POST", f"{db}/_find", body={**body, "execution_stats": True}
+            )
+            examined = found["execution_stats"]["total_keys_examined"]
+            # The whole collection (12) when sorting by n, only the 4 matches otherwise;
+            # never the other collection's 12.
+            assert examined == (4 if field == "group" else 12), found["execution_stats"]
+    finally:
+        await couch.close()
 
 
 # -- scopes -------------------------------------------------------------------------------
