@@ -24,7 +24,7 @@ from vibed.data import (
     scope_allows,
 )
 from vibed.errors import BadRequest
-from vibed.layout import TAG
+from vibed.layout import TAG, from_storage, from_storage_in_place
 
 
 def test_scopes() -> None:
@@ -293,3 +293,33 @@ def test_bookmarks_are_unforgeable(garbage: str) -> None:
         codec.decode("idn:b", token)
     with pytest.raises(BadRequest):
         BookmarkCodec(b"j" * 32).decode("idn:a", token)
+
+
+_storage_ids = st.one_of(
+    st.sampled_from(["notes:abc", "notes:", "notes:_x", "notes:a:b", "todos:abc", "notes", ""]),
+    st.builds(
+        lambda c, d: f"{c}:{d}",
+        st.sampled_from(["notes", "todos", "Notes", "_design", "notes2"]),
+        st.text(alphabet="aZ09._~-:_/ é", max_size=12),
+    ),
+    st.text(max_size=20),
+    st.integers(),
+    st.none(),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    storage=_storage_ids,
+    extra=st.dictionaries(st.sampled_from(["title", "n", TAG, "_rev", "nested"]), st.integers()),
+)
+def test_presenting_in_place_is_from_storage(storage: Any, extra: dict[str, Any]) -> None:
+    """The in-place presentation that queries and listings use gives exactly what
+    ``from_storage`` gives (same keys, order, ``_id``), whatever the stored id: one of the
+    collection, of another collection, an invalid one, not a string, missing."""
+    stored: dict[str, Any] = dict(extra)
+    if storage is not None:
+        stored["_id"] = storage
+    expected = from_storage(stored)
+    made = from_storage_in_place(dict(stored), "notes:")
+    assert made == expected and list(made) == list(expected)

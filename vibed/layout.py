@@ -74,6 +74,30 @@ def from_storage(stored: dict[str, Any]) -> dict[str, Any]:
     return app
 
 
+_ID_AFTER_PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]{0,199}\Z")  # DOC_ID_RE, unanchored
+
+
+def from_storage_in_place(stored: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """What :func:`from_storage` returns, made from ``stored`` itself (which the caller owns:
+    a freshly parsed answer) instead of a copy; ``prefix`` is ``"<collection>:"`` of the
+    (valid) collection whose key range the document was read from; any other id is split as
+    :func:`from_storage` does. Queries and listings present every document they return with
+    this: it is their hot path."""
+    stored.pop(TAG, None)
+    storage = stored.get("_id")
+    if not isinstance(storage, str):
+        return stored
+    start = len(prefix)
+    if storage.startswith(prefix):
+        if _ID_AFTER_PREFIX_RE.match(storage, start):
+            stored["_id"] = storage[start:]
+        return stored
+    split = split_storage_id(storage)
+    if split is not None:
+        stored["_id"] = split[1]
+    return stored
+
+
 def index_ddoc(collection: str, name: str) -> str:
     """The design doc id (without ``_design/``) of index ``name`` of ``collection``;
     with ``name`` empty, the prefix every index of the collection shares."""
