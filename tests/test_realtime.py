@@ -470,3 +470,74 @@ async def test_plain_http_get_is_refused_without_a_500(vibed: Vibed) -> None:
     body = await resp.content()
     assert 400 <= resp.code < 500
     assert b"Autobahn" not in body and b"Traceback" not in body
+
+
+def _self_signed() -> tuple[Any, Any]:
+    """A certificate and key for 127.0.0.1 (pyOpenSSL objects), made for the test."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from OpenSSL import crypto
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return crypto.X509.from_cryptography(cert), crypto.PKey.from_cryptography_key(key)
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_go_through_tls_when_vibed_terminates_it(vibed: Vibed) -> None:
+    """On a TLS port (``--port ssl:...``) a change reaches a ``wss://`` client intact and in
+    order: the fast send path (straight to the socket) never writes a frame past the TLS
+    layer, which would put the document on the wire in clear."""
+    from autobahn.twisted.websocket import WebSocketClientFactory
+    from harness import RealtimeClient
+    from twisted.internet import reactor, ssl
+    from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+
+    cert, key = _self_signed()
+    server_options = ssl.CertificateOptions(privateKey=key, certificate=cert)
+    port = reactor.listenSSL(0, vibed.parts.site(), server_options, interface="127.0.0.1")
+    try:
+        me = await realtime_identity(vibed)
+        number = port.getHost().port
+        factory = WebSocketClientFactory(
+            f"wss://127.0.0.1:{number}/realtime?access_token={me.token}"
+        )
+        factory.protocol = RealtimeClient
+        factory.setProtocolOptions(openHandshakeTimeout=5, closeHandshakeTimeout=5)
+        trust = ssl.Certificate(cert)
+        endpoint = wrapClientTLS(
+            ssl.optionsForClientTLS("127.0.0.1", trustRoot=trust),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", number),
+        )
+        client = await endpoint.connect(factory)
+        await client.opened
+        assert (await client.next())["type"] == "authenticated"
+        await subscribe(client, "notes")
+        for k in range(3):
+            await put_doc(vibed.couch, me.db, "notes", f"n{k}", {"k": k, "secret": "s3cr3t"})
+        changes = await client.changes(3)
+        assert [c["doc"]["k"] for c in changes] == [0, 1, 2]
+        client.sendClose()
+        await client.wait_closed()
+    finally:
+        await port.stopListening()

@@ -92,7 +92,10 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import connectionDone
+from twisted.internet.tcp import Connection as TCPConnection
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from zope.interface import implementer
@@ -730,27 +733,51 @@ class _SendPressure:
         pass
 
 
-def _send_now(transport: Any, frame: bytes) -> bool:
-    """Send ``frame`` on a plain TCP connection with nothing queued, now (False: not such a
-    connection; the caller writes it the usual way).
+def _tls_layer(transport: Any) -> Any:
+    """The TLS protocol under ``transport`` when it only forwards to one (vibed's
+    per-address connection cap wraps every connection, inside a TLS layer when vibed
+    terminates TLS itself), else ``transport``. Autobahn reads a TLS connection's details
+    from its transport and only knows Twisted's TLS protocol."""
+    inner = transport
+    while isinstance(inner, ProtocolWrapper) and type(inner).write is ProtocolWrapper.write:
+        inner = inner.transport
+        if isinstance(inner, TLSMemoryBIOProtocol):
+            return inner
+    return transport
+
+
+def _plain_tcp(transport: Any) -> TCPConnection | None:
+    """The TCP connection under ``transport`` when nothing between them but wrappers that
+    only forward what is written (never a TLS layer): what :func:`_send_now` may write to
+    directly. None otherwise."""
+    while isinstance(transport, ProtocolWrapper):
+        if type(transport).write is not ProtocolWrapper.write:
+            return None  # TLS, throttling...: what it does to the bytes must not be skipped
+        transport = transport.transport
+    if isinstance(transport, TCPConnection) and not transport.TLS:
+        return transport
+    return None
+
+
+def _send_now(transport: TCPConnection, frame: bytes) -> bool:
+    """Send ``frame`` on a plain TCP connection (see :func:`_plain_tcp`) with nothing
+    queued, now (False: the connection is closing or has bytes queued; the caller writes it
+    the usual way).
 
     ``transport.write`` would queue the bytes, register the socket for writing (one
     ``epoll_ctl``), send on the next reactor turn and unregister it (another): three system
     calls per message where one does, for every socket a change goes to. What the kernel
     does not take at once is queued as usual, so the send queue limits and the producer that
     pauses on a full kernel buffer keep working."""
-    sock = getattr(transport, "socket", None)
     if (
-        sock is None
-        or getattr(transport, "TLS", True)
-        or not transport.connected
+        not transport.connected
         or transport.disconnecting
         or transport._tempDataLen  # noqa: SLF001 - Twisted's write buffers: must be empty
         or len(transport.dataBuffer) != transport.offset
     ):
         return False
     try:
-        sent = sock.send(frame)
+        sent = transport.socket.send(frame)
     except BlockingIOError:
         sent = 0
     except OSError:
@@ -789,6 +816,15 @@ class RealtimeProtocol(WebSocketServerProtocol):
         self._frames = 0
         self._message_bytes = 0
         self._pending_pong: bytes | None = None
+        #: The plain TCP connection frames may be sent on directly (None: TLS, or not TCP).
+        self._tcp: TCPConnection | None = None
+        self._batch_ms = 0.0
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+        self.transport = _tls_layer(self.transport)
+        self._tcp = _plain_tcp(self.transport)
+        self._batch_ms = self.settings.batch_ms
+        super().connectionMade()
 
     @property
     def service(self) -> RealtimeService:
@@ -1094,7 +1130,7 @@ class RealtimeProtocol(WebSocketServerProtocol):
             if self._perMessageCompress is None:
                 # The same change goes to every socket that receives it: framed once.
                 frame: bytes = self.factory.prepared(payload).payloadHybi
-                if self.settings.batch_ms > 0:
+                if self._batch_ms > 0:
                     if not self._outbox:
                         self.factory.batch(self)
                     self._outbox.append(frame)
@@ -1173,7 +1209,8 @@ class RealtimeProtocol(WebSocketServerProtocol):
 
     def write_frames(self, data: bytes) -> None:
         """Put framed messages on the wire (straight to the socket when nothing is queued)."""
-        if self.send_queue or not _send_now(self.transport, data):
+        tcp = self._tcp
+        if tcp is None or self.send_queue or not _send_now(tcp, data):
             self.sendData(data)
 
     def flush_outbox(self) -> None:
