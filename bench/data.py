@@ -56,6 +56,7 @@ from bench.common import (  # noqa: E402
     vibed_env,
     wrk,
 )
+from bench.sched import add_nice_argument, renice  # noqa: E402
 from vibed import layout  # noqa: E402
 from vibed.data import parse_selector, parse_sort, plan_find  # noqa: E402
 from vibed.naming import identity_db  # noqa: E402
@@ -121,6 +122,8 @@ def main(args: argparse.Namespace) -> None:
     if args.workers:
         extra += ["--workers", str(args.workers)]
     daemon = Daemon(*extra, env=vibed_env(args)).start()
+    for pid in (engine.pid, daemon.pid, os.getpid()):  # wrk runs in this one's session
+        renice(pid, args.nice)
     try:
         run(daemon, engine, args)
     finally:
@@ -320,6 +323,7 @@ def run(daemon: Daemon, engine: Engine, args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add_engine_arguments(parser)
+    add_nice_argument(parser)
     parser.add_argument("--seconds", type=float, default=5.0, help="wrk duration per figure")
     parser.add_argument("--concurrency", type=int, default=32, help="wrk connections")
     parser.add_argument("--workers", type=int, default=0, help="vibed --workers (0: not set)")

@@ -50,6 +50,7 @@ from bench.common import (  # noqa: E402
     pin,
     vibed_env,
 )
+from bench.sched import add_nice_argument, renice  # noqa: E402
 
 PASSWORD = "bench password 123"
 COLLECTION = "notes"
@@ -477,34 +478,6 @@ def _away_from_vibed(args: argparse.Namespace) -> list[str]:
     return [*prefix, "nice", "-n", str(args.nice)] if args.nice else prefix
 
 
-def renice(pid: int | None, nice: int) -> None:
-    """Give ``pid``, its threads and its descendants the scheduling priority ``nice`` (0:
-    leave it). Linux keeps a priority per thread (CouchDB's schedulers are threads), and with
-    autogroups (``/proc/sys/kernel/sched_autogroup_enabled``) it first shares the CPUs
-    between sessions, each other terminal's or job's work being one: the autogroup of each
-    process gets ``nice`` too, or the whole run would get one session's share however busy
-    the machine is."""
-    if pid is None or not nice:
-        return
-    from bench.common import descendants
-
-    for p in descendants(pid):
-        try:
-            with open(f"/proc/{p}/autogroup", "w") as group:
-                group.write(str(nice))
-        except OSError:
-            pass
-        try:
-            threads = [int(t) for t in os.listdir(f"/proc/{p}/task")]
-        except OSError:
-            continue
-        for tid in threads:
-            try:
-                os.setpriority(os.PRIO_PROCESS, tid, nice)
-            except OSError:
-                pass
-
-
 def _writes(
     base: str,
     identities: list[tuple[str, str]],
@@ -663,14 +636,7 @@ def main() -> None:
         help="a file prefix: py-spy samples vibed during the writes into PREFIX-<sockets>.txt "
         "(collapsed stacks; summarize with bench/profile.py)",
     )
-    parser.add_argument(
-        "--nice",
-        type=int,
-        default=0,
-        help="scheduling priority of every process of the run (vibed, CouchDB, the clients, "
-        "the writer), e.g. -10 on a machine other work keeps busy (root only below 0): the "
-        "figures then measure vibed rather than the competition for the cores",
-    )
+    add_nice_argument(parser)
     add_engine_arguments(parser)
     args = parser.parse_args()
     if args.cpus == "both":
@@ -738,7 +704,8 @@ def main() -> None:
             f"write ack p50 {r['write_p50_ms']:.1f} ms; from the write's sending to the "
             f"event p50 {r['sent_p50_ms']:.1f} ms, p99 {r['sent_p99_ms']:.1f} ms; "
             f"signups {r['signup_s']:.1f} s; CPU during the writes: vibed "
-            f"{100 * r['cpu_s'] / r['wall_s']:.0f} %, CouchDB {100 * r['couch_s'] / r['wall_s']:.0f} %, "
+            f"{100 * r['cpu_s'] / r['wall_s']:.0f} %, "
+            f"CouchDB {100 * r['couch_s'] / r['wall_s']:.0f} %, "
             f"the client processes {100 * r['clients_s'] / r['wall_s']:.0f} % (of one core); "
             f"daemon->CouchDB connections with sockets up {r['couch_connections']:.0f}"
             + ("; " + "; ".join(extra) if extra else "")

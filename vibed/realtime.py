@@ -156,6 +156,8 @@ PREPARED_CACHE = 256
 
 #: A socket's outbox leaves at once past this size, whatever the batch window.
 OUTBOX_FLUSH_BYTES = 64 * 1024
+#: Sockets whose batches leave in one reactor turn; the rest in the next turns.
+FLUSH_CHUNK = 256
 
 
 @frozen
@@ -366,9 +368,16 @@ class DatabaseFeed:
         # receive it (its reads delivered it).
         # One subscription's failure must never cost another its event: each is guarded.
         if change.collection is not None and change.payload is not None:
-            for sub in list(self.live.get(change.collection, ())):
+            subs = self.live.get(change.collection)
+            for sub in list(subs) if subs else ():
                 if sub.state == LIVE:
-                    self._guard(self._deliver_live, sub, change)
+                    try:  # _guard, inline: this loop runs once per subscriber per change
+                        self._deliver_live(sub, change)
+                    except Exception:
+                        _log.failure("realtime: delivering a change of {db} failed", db=self.name)
+                        self.hub.end(
+                            sub, "internal", "The subscription failed; subscribe again with since."
+                        )
         for sub in list(self.catching_up):
             if sub.state == CATCHING_UP:
                 self._guard(self._buffer, sub, change)
@@ -823,6 +832,16 @@ class RealtimeProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
         self.transport = _tls_layer(self.transport)
         self._tcp = _plain_tcp(self.transport)
+        # A batch leaves as soon as it is sent: Nagle's algorithm would hold it until the
+        # client acknowledged the previous one (up to its delayed-ACK timer, 40 ms on Linux).
+        connection: Any = self.transport
+        while isinstance(connection, ProtocolWrapper):
+            connection = connection.transport
+        if isinstance(connection, TCPConnection):
+            try:
+                connection.setTcpNoDelay(True)
+            except OSError:
+                pass
         self._batch_ms = self.settings.batch_ms
         super().connectionMade()
 
@@ -1083,6 +1102,26 @@ class RealtimeProtocol(WebSocketServerProtocol):
         self._send_json({"type": "subscribed", "collection": sub.collection, "seq": sub.ack_seq})
 
     def deliver(self, payload: bytes) -> None:
+        if (
+            self._outbox
+            and not self._paused
+            and not self._queue
+            and not self._closing
+            and self.state == WebSocketServerProtocol.STATE_OPEN
+        ):
+            # The common case of a busy feed, short: the socket's batch is already waiting
+            # for the timer (so batching is on and messages are framed here).
+            try:
+                frame: bytes = self.factory.prepared(payload).payloadHybi
+            except Exception:
+                _log.failure("realtime socket of {peer}: sending failed", peer=self.peer)
+                self._internal_error()
+                return
+            self._outbox.append(frame)
+            self._outbox_bytes += len(frame)
+            if self._outbox_bytes >= OUTBOX_FLUSH_BYTES:
+                self.flush_outbox()
+            return
         self._push(payload)
 
     def drained(self) -> Deferred[None]:
@@ -1309,11 +1348,17 @@ class RealtimeFactory(WebSocketServerFactory):
             delay = self.service.settings.batch_ms / 1000
             self._batch_call = self.service.reactor.callLater(delay, self._send_batches)
 
-    def _send_batches(self) -> None:
-        self._batch_call = None
-        batched, self._batched = self._batched, []
-        for socket in batched:
+    def _send_batches(self, batched: list[RealtimeProtocol] | None = None) -> None:
+        """Flush the waiting sockets, at most FLUSH_CHUNK of them per reactor turn: the
+        requests that arrive meanwhile (a write and its acknowledgement) wait for one chunk,
+        not for every socket of the window."""
+        if batched is None:
+            self._batch_call = None
+            batched, self._batched = self._batched, []
+        for socket in batched[:FLUSH_CHUNK]:
             socket.flush_outbox()
+        if len(batched) > FLUSH_CHUNK:
+            self.service.reactor.callLater(0, self._send_batches, batched[FLUSH_CHUNK:])
 
     def prepared(self, payload: bytes) -> Any:
         """``payload`` as a framed message, made once however many sockets send it (a
