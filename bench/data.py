@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,6 +115,35 @@ def measure(
         spy.wait()
     n = max(result.requests, 1)
     return result, (v1 - v0) / n, (c1 - c0) / n
+
+
+def _pooled(
+    rounds: list[tuple[WrkResult, float, float, WrkResult, float]],
+) -> tuple[WrkResult, float, float, WrkResult, float]:
+    """Several alternating rounds as one: requests and seconds added up, CPU per request over
+    all of them, latency percentiles the median of the rounds'."""
+
+    def pool(results: list[WrkResult]) -> WrkResult:
+        return WrkResult(
+            requests=sum(r.requests for r in results),
+            seconds=sum(r.seconds for r in results),
+            p50=statistics.median(r.p50 for r in results),
+            p99=statistics.median(r.p99 for r in results),
+            errors=sum(r.errors for r in results),
+        )
+
+    def per_request(results: list[WrkResult], cpu: list[float]) -> float:
+        total = sum(c * max(r.requests, 1) for r, c in zip(results, cpu, strict=True))
+        return total / max(sum(r.requests for r in results), 1)
+
+    vs, ds = [r[0] for r in rounds], [r[3] for r in rounds]
+    return (
+        pool(vs),
+        per_request(vs, [r[1] for r in rounds]),
+        per_request(vs, [r[2] for r in rounds]),
+        pool(ds),
+        per_request(ds, [r[4] for r in rounds]),
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -303,6 +333,13 @@ def run(daemon: Daemon, engine: Engine, args: argparse.Namespace) -> None:
             profile = Path(args.profile) / f"{name}-{mode}.txt" if args.profile else None
             v, v_cpu, vc_cpu = measure(base, through, args, daemon.pid, engine.pid, profile)
             d, _, d_cpu = measure(couch, straight, args, None, engine.pid)
+            if args.rounds > 1:  # alternate, so that a change of the machine's load hits both
+                rounds = [(v, v_cpu, vc_cpu, d, d_cpu)]
+                for _ in range(args.rounds - 1):
+                    v, v_cpu, vc_cpu = measure(base, through, args, daemon.pid, engine.pid)
+                    d, _, d_cpu = measure(couch, straight, args, None, engine.pid)
+                    rounds.append((v, v_cpu, vc_cpu, d, d_cpu))
+                v, v_cpu, vc_cpu, d, d_cpu = _pooled(rounds)
             print(
                 f"{name:<7} {mode:<6} | {v.rate:8.0f} {v.p50 * 1e3:7.1f} {v.p99 * 1e3:7.1f} | "
                 f"{d.rate:8.0f} {d.p50 * 1e3:7.1f} {d.p99 * 1e3:7.1f} | "
@@ -326,6 +363,12 @@ if __name__ == "__main__":
     add_nice_argument(parser)
     parser.add_argument("--seconds", type=float, default=5.0, help="wrk duration per figure")
     parser.add_argument("--concurrency", type=int, default=32, help="wrk connections")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate vibed and direct this many times per figure and pool them",
+    )
     parser.add_argument("--workers", type=int, default=0, help="vibed --workers (0: not set)")
     parser.add_argument("--seed-docs", type=int, default=1000, help="docs in the collection")
     parser.add_argument(
