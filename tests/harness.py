@@ -480,3 +480,34 @@ async def poll(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> flo
             return time.monotonic() - start
         await deferLater(reactor, 0.05, lambda: None)
     raise AssertionError(f"not within {within} s")
+
+
+def self_signed() -> tuple[Any, Any]:
+    """A certificate and key for 127.0.0.1 (pyOpenSSL objects), made for the test."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from OpenSSL import crypto
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return crypto.X509.from_cryptography(cert), crypto.PKey.from_cryptography_key(key)

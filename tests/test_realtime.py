@@ -20,6 +20,7 @@ from harness import (
     put_doc,
     realtime_identity,
     realtime_service,
+    self_signed,
 )
 
 from vibed.layout import TAG, storage_id
@@ -472,37 +473,6 @@ async def test_plain_http_get_is_refused_without_a_500(vibed: Vibed) -> None:
     assert b"Autobahn" not in body and b"Traceback" not in body
 
 
-def _self_signed() -> tuple[Any, Any]:
-    """A certificate and key for 127.0.0.1 (pyOpenSSL objects), made for the test."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    from OpenSSL import crypto
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return crypto.X509.from_cryptography(cert), crypto.PKey.from_cryptography_key(key)
-
-
 @pytest_twisted.ensureDeferred
 async def test_changes_go_through_tls_when_vibed_terminates_it(vibed: Vibed) -> None:
     """On a TLS port (``--port ssl:...``) a change reaches a ``wss://`` client intact and in
@@ -513,7 +483,7 @@ async def test_changes_go_through_tls_when_vibed_terminates_it(vibed: Vibed) -> 
     from twisted.internet import reactor, ssl
     from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
-    cert, key = _self_signed()
+    cert, key = self_signed()
     server_options = ssl.CertificateOptions(privateKey=key, certificate=cert)
     port = reactor.listenSSL(0, vibed.parts.site(), server_options, interface="127.0.0.1")
     try:

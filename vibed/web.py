@@ -239,9 +239,15 @@ def send_now(transport: Any, data: bytes) -> None:
     once: twisted would queue it, ask epoll to report the socket writable, send on the next
     turn of the reactor and ask epoll to stop (two system calls and a reactor turn per
     write). What the socket does not take, and anything on another transport (TLS, a test's
-    StringTransport), goes through ``write`` as before, so the order of bytes is kept."""
+    StringTransport), goes through ``write`` as before, so the order of bytes is kept.
+
+    Only wrappers that forward writes unchanged are looked through: a TLS layer is a
+    ``ProtocolWrapper`` too, and bytes sent past it would leave in clear."""
     raw = transport
     while isinstance(raw, ProtocolWrapper):
+        if type(raw).write is not ProtocolWrapper.write:
+            transport.write(data)  # TLS (or another wrapper that changes the bytes)
+            return
         raw = raw.transport
     if (
         isinstance(raw, tcp.Connection)
