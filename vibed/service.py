@@ -223,6 +223,17 @@ def build(
     )
 
 
+def settle_memory(reactor: Any) -> None:
+    """Once the reactor runs, move everything made so far (modules, classes, the service
+    tree) out of the cyclic garbage collector's sight (``gc.freeze``): its full collections,
+    which the many short-lived objects of each request trigger, then no longer walk the
+    daemon's long-lived objects again and again. For the daemon's processes, not for tests
+    that build many services in one process (what it freezes is never collected)."""
+    import gc
+
+    reactor.callWhenRunning(gc.freeze)
+
+
 def makeService(config: Config, reactor: Any = None, endpoint: Any = None) -> MultiService:
     """The whole daemon as one service tree (with ``--workers`` above 1: the supervisor of
     the worker processes, see :mod:`vibed.workers`). ``endpoint`` replaces the one

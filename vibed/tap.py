@@ -13,10 +13,15 @@ __all__ = ["Options", "makeService"]
 
 def makeService(options: Any) -> IService:
     """Validate the options (one clear line on error, no traceback) and build the tree."""
+    from twisted.internet import reactor
+
     from vibed.service import makeService as make
+    from vibed.service import settle_memory
 
     try:
         config = Config.from_options(dict(options))
-        return make(config)
+        service = make(config)
     except ConfigError as e:
         raise SystemExit(f"vibed: {e}") from None
+    settle_memory(reactor)
+    return service

@@ -221,7 +221,7 @@ def main() -> None:
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from vibed.config import Config, ConfigError
-    from vibed.service import makeService
+    from vibed.service import makeService, settle_memory
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     try:
@@ -232,6 +232,7 @@ def main() -> None:
     top = makeService(config, reactor, endpoint=AdoptedEndpoint(reactor, 3, job["family"]))
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    settle_memory(reactor)
     reactor.run()
 
 
