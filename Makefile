@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 PIP     = $(BIN)/pip
 PORT   ?= tcp:3000
 
-.PHONY: run test install install-run lint typecheck pytest bench clean lock browser agent
+.PHONY: run test install install-run lint typecheck pytest bench bench-tools clean lock browser agent
 .PHONY: image test-infra infra-tools lock-infra
 
 # The browser tests drive Debian's chromium through Playwright's executable_path (Playwright
@@ -80,8 +80,14 @@ pytest: install browser
 
 test: lint typecheck pytest
 
-bench: install
+bench: install bench-tools
 	$(BIN)/python bench/auth.py
+
+# What the benchmarks drive and count with (Debian packages): wrk (bench/data.py and the
+# others), valgrind (bench/cost.py's instruction counts).
+bench-tools:
+	@command -v wrk >/dev/null && command -v valgrind >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq wrk valgrind; }
 
 lock:
 	rm -rf /tmp/vibed-lock && $(PYTHON) -m venv /tmp/vibed-lock

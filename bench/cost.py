@@ -15,7 +15,9 @@ The dumps stay in ``--keep`` for ``callgrind_annotate`` (which shows the interpr
 functions; py-spy, ``bench/data.py --profile``, shows the Python ones).
 
 Under valgrind vibed runs 20 to 50 times slower, so the engine and the clients are never the
-bottleneck and the daemon always has ``--concurrency`` requests waiting, as under wrk.
+bottleneck and the daemon always has ``--concurrency`` requests waiting, as under wrk. The
+counts still move by a few percent between runs (how many requests one turn of the reactor
+picks up varies). valgrind is a Debian package (``make bench-tools`` installs it and wrk).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ reactor.run()
 
 def valgrind(out_dir: Path) -> list[str]:
     if shutil.which("valgrind") is None:
-        raise SystemExit("bench/cost.py counts with valgrind: apt-get install valgrind")
+        raise SystemExit("bench/cost.py counts with valgrind: make bench-tools (apt-get)")
     return [
         "valgrind",
         "--tool=callgrind",
