@@ -511,3 +511,26 @@ async def test_changes_go_through_tls_when_vibed_terminates_it(vibed: Vibed) -> 
         await client.wait_closed()
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_upgraded_http_channel_keeps_no_timer(vibed: Vibed) -> None:
+    """Once a WebSocket took a connection over, the HTTP channel that carried the upgrade
+    leaves no timer behind (a pending one would hold the channel, and its request, in memory
+    for every socket until the HTTP timeouts ran out: 8 KiB a socket, measured)."""
+    from twisted.internet import reactor
+
+    from vibed.web import VibeChannel
+
+    me = await realtime_identity(vibed)
+    clients = [await connect_realtime(vibed, me.token) for _ in range(3)]
+    left = [
+        call
+        for call in reactor.getDelayedCalls()
+        if isinstance(getattr(call.func, "__self__", None), VibeChannel)
+        and call.func.__self__.transport is None  # handed over to the WebSocket
+    ]
+    assert left == []
+    for client in clients:
+        client.sendClose()
+        await client.wait_closed()

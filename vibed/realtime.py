@@ -1398,6 +1398,9 @@ class RealtimeResource(WebSocketResource):
             # The socket now owns the connection: the HTTP channel must neither time it out
             # (its timer would also keep it in memory) nor be asked to pause and resume it.
             channel.setTimeout(None)
+            stop_timing = getattr(channel, "stop_timing", None)  # vibed.web.VibeChannel's
+            if stop_timing is not None:
+                stop_timing()
             if getattr(transport, "producer", None) is not None:
                 transport.unregisterProducer()
         return super().render(request)

@@ -335,6 +335,14 @@ class VibeChannel(HTTPChannel):
     def _disarm(self) -> None:
         self._vibe_due = None
 
+    def stop_timing(self) -> None:
+        """The connection left HTTP (a WebSocket took it over): no deadline any more, and no
+        timer keeping this channel in memory until it would have fired."""
+        self._vibe_due = None
+        timer, self._vibe_timer = self._vibe_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
     def _vibe_seconds(self) -> float:
         """Now, on the clock ``callLater`` schedules on (the reactor, or a test's Clock)."""
         owner = getattr(self.callLater, "__self__", None)
