@@ -67,6 +67,20 @@ KDF = {"name": "scrypt", "N": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "dkLen": W
 MAX_NAME = 200
 
 
+def _scopes(scopes_in: object) -> tuple[str, ...]:
+    """A JSON list of app scopes, normalised (``parse_scopes``), or 400."""
+    if (
+        not isinstance(scopes_in, list)
+        or not scopes_in
+        or not all(isinstance(s, str) and s and " " not in s for s in scopes_in)
+    ):
+        raise BadRequest("'scopes' must be a non-empty list of scopes, e.g. ['data:write:notes'].")
+    try:
+        return parse_scopes(" ".join(scopes_in))
+    except OAuthError as e:
+        raise BadRequest(e.description, slug="invalid-scope") from None
+
+
 @define(slots=False)
 class AgentBridge:
     auth: AuthAPI
@@ -102,6 +116,9 @@ class AgentBridge:
         """``POST /auth/response``."""
         config = self.auth.config
         body = read_json_object(request)
+        session = body.get("session", True)
+        if not isinstance(session, bool):
+            raise BadRequest("'session' must be true or false.")
         did = require_str(body, "did", 200)
         nonce = require_str(body, "nonce", 200)
         signature_text = require_str(body, "signature", 200)
@@ -133,7 +150,7 @@ class AgentBridge:
             raise
         await self.auth.release(hits)
         _log.info("DID challenge login: {idn}", idn=doc["_id"])
-        return await self.auth.login_response(request, doc)
+        return await self.auth.login_response(request, doc, session=session)
 
     # -- first-party routes --------------------------------------------------------------------
 
@@ -186,19 +203,7 @@ class AgentBridge:
             origin = parse_client_id(body.get("origin"))
         except OAuthError as e:
             raise BadRequest(e.description.replace("client_id", "'origin'")) from None
-        scopes_in = body.get("scopes")
-        if (
-            not isinstance(scopes_in, list)
-            or not scopes_in
-            or not all(isinstance(s, str) and s and " " not in s for s in scopes_in)
-        ):
-            raise BadRequest(
-                "'scopes' must be a non-empty list of scopes, e.g. ['data:write:notes']."
-            )
-        try:
-            scopes = parse_scopes(" ".join(scopes_in))
-        except OAuthError as e:
-            raise BadRequest(e.description, slug="invalid-scope") from None
+        scopes = _scopes(body.get("scopes"))
         name = body.get("name")
         if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME):
             raise BadRequest(f"'name' must be a string of at most {MAX_NAME} characters.")
@@ -213,22 +218,44 @@ class AgentBridge:
                 claims.sub, origin, scopes, clean_client_name(name), via="agent"
             )
             status = 201
-        tokens = await self.authority.tokens_for(grant)
+        # The tokens carry what was asked (and shown to the person), not all a reused grant allows.
+        tokens = await self.authority.tokens_for(grant, scopes=scopes)
         return self._answer(request, grant, tokens, status)
 
     async def grant_tokens(self, request: IRequest, gid: str) -> bytes:
-        """``POST /agent/grants/{gid}/tokens``: a new app session under a grant the person
-        already gave (the agent lost its tokens: a browser restart). 404 once revoked."""
+        """``POST /agent/grants/{gid}/tokens`` ``{origin, scopes?}``: a new app session under a
+        grant the person already gave (the agent lost its tokens: a browser restart). 404
+        once revoked, and 404 unless the grant is ``origin``'s: the agent says which page it
+        asks for, and a grant id of another site (a tampered record) gets nothing.
+        ``scopes``: the page's own (within the grant), else the grant's."""
         claims = await self._first_party(request)
         if GID_RE.match(gid) is None:
             raise NotFound("No such grant.")
+        body = read_json_object(request)
+        try:
+            origin = parse_client_id(body.get("origin"))
+        except OAuthError as e:
+            raise BadRequest(e.description.replace("client_id", "'origin'")) from None
+        scopes = None if body.get("scopes") is None else _scopes(body.get("scopes"))
         await self._limit(
             f"agent-grant:idn:{claims.sub}", self.grant_limit, self.grant_window, "grant requests"
         )
         grant = await self.grants.get(claims.sub, gid)
-        if grant is None:
+        if grant is None or grant.origin != origin:
+            if grant is not None:
+                _log.warn(
+                    "Agent asked tokens of grant {gid} ({origin}) for another origin",
+                    gid=gid,
+                    origin=grant.origin,
+                )
             raise NotFound("No such grant: it was revoked or never existed.", slug="grant-revoked")
-        tokens = await self.authority.tokens_for(grant)
+        try:
+            tokens = await self.authority.tokens_for(grant, scopes=scopes)
+        except OAuthError:
+            raise NotFound(
+                "This grant does not cover these scopes: ask the person again.",
+                slug="grant-revoked",
+            ) from None
         return self._answer(request, grant, tokens, 200)
 
 

@@ -288,7 +288,9 @@ async def test_agent_grant_is_an_ordinary_grant(vibed: Vibed) -> None:
     assert elsewhere.code in (400, 401)
     rotated = await post_form(vibed, "/auth/token", {**refresh, "client_id": origin})
     assert rotated.code == 200, rotated.content
-    more = await vibed.request("POST", f"/agent/grants/{grant['id']}/tokens", token=token)
+    more = await vibed.request(
+        "POST", f"/agent/grants/{grant['id']}/tokens", {"origin": origin}, token=token
+    )
     assert more.code == 200 and more.json()["grant"]["id"] == grant["id"]
 
     revoked = await vibed.request("DELETE", f"/me/grants/{grant['id']}", token=token)
@@ -302,7 +304,9 @@ async def test_agent_grant_is_an_ordinary_grant(vibed: Vibed) -> None:
         {**refresh, "refresh_token": rotated.json()["refresh_token"], "client_id": origin},
     )
     assert after.code == 400 and after.json()["error"] == "invalid_grant"
-    gone = await vibed.request("POST", f"/agent/grants/{grant['id']}/tokens", token=token)
+    gone = await vibed.request(
+        "POST", f"/agent/grants/{grant['id']}/tokens", {"origin": origin}, token=token
+    )
     assert assert_problem(gone, 404)["type"].endswith("/grant-revoked")
     # Approving again makes a new grant (a revoked one is never brought back).
     anew = await vibed.request("POST", "/agent/grants", ask, token=token)
@@ -334,7 +338,10 @@ async def test_app_tokens_can_never_mint_grants(vibed: Vibed) -> None:
         assert assert_problem(refused, 403)["type"].endswith("/insufficient-scope"), path
     assert_problem(await vibed.request("POST", "/agent/grants", {}), 401)
     _, stranger, _ = await _agent(vibed)
-    assert_problem(await vibed.request("POST", f"/agent/grants/{gid}/tokens", token=stranger), 404)
+    mine = {"origin": "https://app.example"}
+    assert_problem(
+        await vibed.request("POST", f"/agent/grants/{gid}/tokens", mine, token=stranger), 404
+    )
 
 
 BAD_GRANT_REQUESTS: list[dict[str, Any]] = [
@@ -389,10 +396,173 @@ async def test_a_grant_is_gone_once_its_revocation_is_known(vibed: Vibed) -> Non
     }
     refused = await post_form(vibed, "/auth/token", refresh)
     assert refused.code == 400 and refused.json()["error"] == "invalid_grant"
-    gone = await vibed.request("POST", f"/agent/grants/{gid}/tokens", token=token)
+    gone = await vibed.request("POST", f"/agent/grants/{gid}/tokens", ask, token=token)
     assert_problem(gone, 404)
     assert (await vibed.request("GET", "/me/grants", token=token)).json()["grants"] == []
     anew = await vibed.request("POST", "/agent/grants", ask, token=token)
     assert anew.code == 201 and anew.json()["grant"]["id"] != gid
     assert (await vibed.request("DELETE", f"/me/grants/{gid}", token=token)).code == 204
     assert (await vibed.request("DELETE", f"/me/grants/{gid}", token=token)).code == 404
+
+
+# -- what the security review found (agent fixes) -------------------------------------------
+
+
+async def _session_ids(vibed: Vibed, token: str) -> list[str]:
+    resp = await vibed.request("GET", "/me/sessions", token=token)
+    assert resp.code == 200, resp.content
+    return [s["id"] for s in resp.json()["sessions"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_grant_tokens_are_only_for_the_grants_own_origin(vibed: Vibed) -> None:
+    """The agent names the page it asks tokens for: a grant id of one site presented for
+    another origin (a tampered site record, a compromised renderer pointing its origin at
+    another site's grant) is 404, exactly like a revoked grant; no origin is 400; the grant's
+    own origin gets tokens of that origin."""
+    from test_apps_oauth import claims
+
+    _, token, _ = await _agent(vibed)
+    victim = "https://bank.example"
+    made = await vibed.request(
+        "POST", "/agent/grants", {"origin": victim, "scopes": ["data:*"]}, token=token
+    )
+    gid = made.json()["grant"]["id"]
+    path = f"/agent/grants/{gid}/tokens"
+    for origin in ("https://evil.example", "https://bank.example.evil.example"):
+        stolen = await vibed.request("POST", path, {"origin": origin}, token=token)
+        assert assert_problem(stolen, 404)["type"].endswith("/grant-revoked"), origin
+        assert "access_token" not in stolen.content.decode()
+    assert_problem(await vibed.request("POST", path, {}, token=token), 400)
+    assert_problem(await vibed.request("POST", path, {"origin": "evil"}, token=token), 400)
+    own = await vibed.request("POST", path, {"origin": victim}, token=token)
+    assert own.code == 200, own.content
+    assert own.json()["grant"]["origin"] == victim
+    assert claims(own.json()["tokens"]["access_token"])["client_id"] == victim
+
+
+@pytest_twisted.ensureDeferred
+async def test_tokens_carry_only_the_scopes_asked_not_the_whole_reused_grant(
+    vibed: Vibed,
+) -> None:
+    """An origin that earlier got data:* and now asks for data:read:notes (what the consent
+    window listed) reuses its grant but gets tokens for data:read:notes only: it cannot write
+    notes or read another collection, and refreshing keeps to that; a new session under the
+    grant with the page's scopes too; scopes the grant does not cover get nothing."""
+    from oauth_client import post_form
+    from test_apps_oauth import claims
+
+    _, token, _ = await _agent(vibed)
+    origin = "https://notes.example"
+    wide = await vibed.request(
+        "POST", "/agent/grants", {"origin": origin, "scopes": ["data:*"]}, token=token
+    )
+    assert wide.code == 201 and wide.json()["tokens"]["scope"] == "data:*"
+    gid = wide.json()["grant"]["id"]
+    writer = wide.json()["tokens"]["access_token"]
+    assert (await vibed.request("POST", "/data/notes", {"t": 1}, token=writer)).code == 201
+    assert (await vibed.request("POST", "/data/diary", {"t": 1}, token=writer)).code == 201
+
+    narrow = await vibed.request(
+        "POST", "/agent/grants", {"origin": origin, "scopes": ["data:read:notes"]}, token=token
+    )
+    assert narrow.code == 200, narrow.content
+    assert narrow.json()["grant"]["id"] == gid and narrow.json()["grant"]["scopes"] == ["data:*"]
+    tokens = narrow.json()["tokens"]
+    assert tokens["scope"] == "data:read:notes"
+    reader = tokens["access_token"]
+    assert claims(reader)["scp"] == ["data:read:notes"]
+
+    async def can(access: str) -> tuple[int, int, int]:
+        read = await vibed.request("GET", "/data/notes", token=access)
+        write = await vibed.request("POST", "/data/notes", {"t": 2}, token=access)
+        other = await vibed.request("GET", "/data/diary", token=access)
+        return read.code, write.code, other.code
+
+    assert await can(reader) == (200, 403, 403)
+    refreshed = await post_form(
+        vibed,
+        "/auth/token",
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": tokens["refresh_token"],
+            "client_id": origin,
+        },
+    )
+    assert refreshed.code == 200, refreshed.content
+    assert refreshed.json()["scope"] == "data:read:notes"
+    assert await can(refreshed.json()["access_token"]) == (200, 403, 403)
+    widen = await post_form(
+        vibed,
+        "/auth/token",
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": refreshed.json()["refresh_token"],
+            "client_id": origin,
+            "scope": "data:*",
+        },
+    )
+    assert widen.code == 400 and widen.json()["error"] == "invalid_scope"
+
+    path = f"/agent/grants/{gid}/tokens"
+    again = await vibed.request(
+        "POST", path, {"origin": origin, "scopes": ["data:read:notes"]}, token=token
+    )
+    assert again.code == 200 and again.json()["tokens"]["scope"] == "data:read:notes"
+    beyond = await vibed.request("POST", path, {"origin": origin, "scopes": ["blob:*"]}, token=token)
+    assert_problem(beyond, 404)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_agents_logins_leave_no_session_behind(vibed: Vibed) -> None:
+    """The agent's DID login with ``session: false`` gets a working first-party token (no
+    ``sid``) and creates no refresh session: no cookie, nothing in the person's Sessions, however
+    often it logs in. Its one password login it ends itself: a first-party access token
+    without a cookie logs out its own session (listed no more, the token refused within
+    seconds); an app's token cannot log out; ``session`` must be a boolean."""
+    from test_apps_oauth import claims
+
+    signup = await vibed.signup(email())
+    identity, dashboard = signup.json()["identity"], signup.json()["accessToken"]
+    key = await _key_from_me_key(vibed, dashboard)
+    before = await _session_ids(vibed, dashboard)
+    for _ in range(3):
+        ch = (await vibed.request("GET", "/auth/challenge")).json()
+        sig = key.sign(challenge_message(ch["aud"], ch["nonce"]))
+        answer = {
+            "did": identity["did"],
+            "nonce": ch["nonce"],
+            "signature": b64url_encode(sig),
+            "session": False,
+        }
+        resp = await vibed.request("POST", "/auth/response", answer)
+        assert resp.code == 200, resp.content
+        assert resp.refresh_cookie is None and not resp.headers_all("set-cookie")
+        agent_token = resp.json()["accessToken"]
+        assert "sid" not in claims(agent_token)
+        assert (await vibed.request("GET", "/me", token=agent_token)).json()["id"] == identity["id"]
+    assert await _session_ids(vibed, dashboard) == before
+
+    bad = {**answer, "session": "no"}
+    assert_problem(await vibed.request("POST", "/auth/response", bad), 400)
+
+    login = await vibed.request(
+        "POST", "/auth/login", {"email": signup.json()["identity"]["email"], "password": PASSWORD}
+    )
+    password_token = login.json()["accessToken"]
+    sid = claims(password_token)["sid"]
+    assert sid in await _session_ids(vibed, dashboard)
+    out = await vibed.request("POST", "/auth/logout", token=password_token)
+    assert out.code == 204, out.content
+    assert await _session_ids(vibed, dashboard) == before
+    deadline = time.monotonic() + 5
+    while (await vibed.request("GET", "/me", token=password_token)).code != 401:
+        assert time.monotonic() < deadline, "a logged-out token still works after 5 s"
+
+    made = await vibed.request(
+        "POST", "/agent/grants", {"origin": "https://a.example", "scopes": ["data:*"]},
+        token=agent_token,
+    )
+    app_token = made.json()["tokens"]["access_token"]
+    refused = await vibed.request("POST", "/auth/logout", token=app_token)
+    assert assert_problem(refused, 403)["type"].endswith("/insufficient-scope")

@@ -24,6 +24,7 @@ from vibed.oauth import (
     CodeRejected,
     CodeStore,
     OAuthError,
+    covers,
     parse_client_id,
     parse_scopes,
     pkce_matches,
@@ -44,6 +45,13 @@ def _param(form: dict[str, str], name: str) -> str:
     if len(value) > MAX_PARAM:
         raise OAuthError("invalid_request", f"The {name} parameter is too long.")
     return value
+
+
+def _within(granted: tuple[str, ...], asked: tuple[str, ...]) -> tuple[str, ...]:
+    """``asked`` (normalised), which ``granted`` must cover; never more than was granted."""
+    if not covers(granted, asked):
+        raise OAuthError("invalid_scope", "The grant does not cover these scopes.")
+    return tuple(s for s in asked if s != FIRST_PARTY_SCOPE)
 
 
 def _client(form: dict[str, str]) -> str:
@@ -101,15 +109,32 @@ class AppAuthority:
             "scope": " ".join(scopes),
         }
 
-    async def tokens_for(self, grant: Grant, *, family: str | None = None) -> dict[str, Any]:
+    async def tokens_for(
+        self,
+        grant: Grant,
+        *,
+        family: str | None = None,
+        scopes: tuple[str, ...] | None = None,
+    ) -> dict[str, Any]:
         """A new app session under ``grant``: the token endpoint's answer. The consent flow
-        gets here through a code; the agent (which mints grants itself) calls it directly."""
+        gets here through a code; the agent (which mints grants itself) calls it directly.
+
+        ``scopes``: what the app asked for this time (and the person was shown), which the
+        grant must cover; the session's tokens carry only those, even when the grant reused
+        allows more (an earlier ``data:*`` grant does not turn a request for
+        ``data:read:notes`` into ``data:*`` tokens). The family remembers them, so every
+        refresh keeps to them. None: the grant's scopes."""
+        carried = grant.scopes if scopes is None else _within(grant.scopes, scopes)
         rotation = await self.refresh.create_family(
-            grant.idn, family=family, grant=grant.id, client_id=grant.origin
+            grant.idn,
+            family=family,
+            grant=grant.id,
+            client_id=grant.origin,
+            scopes=None if scopes is None else carried,
         )
         await self.grants.touch(grant)
         return self.token_response(
-            grant.idn, grant.scopes, rotation.family, grant.id, grant.origin, rotation.token
+            grant.idn, carried, rotation.family, grant.id, grant.origin, rotation.token
         )
 
     async def exchange_code(self, form: dict[str, str]) -> dict[str, Any]:
@@ -137,7 +162,7 @@ class AppAuthority:
         grant = await self.grants.get(issued.idn, issued.gid)
         if grant is None:
             raise OAuthError("invalid_grant", "The person revoked this app's access.")
-        return await self.tokens_for(grant, family=issued.family)
+        return await self.tokens_for(grant, family=issued.family, scopes=issued.scopes)
 
     async def refresh_tokens(self, form: dict[str, str]) -> dict[str, Any]:
         """``grant_type=refresh_token``: rotate; ``scope`` may narrow, never widen."""
@@ -149,13 +174,19 @@ class AppAuthority:
         grant = await self.grants.get(family["idn"], family["grant"])
         if grant is None:
             raise OAuthError("invalid_grant", "The person revoked this app's access.")
-        scopes = grant.scopes
+        # The session's own scopes (what the app asked for when it began), within the grant.
+        session_scopes = family.get("scopes")
+        scopes = (
+            _within(grant.scopes, tuple(session_scopes))
+            if isinstance(session_scopes, list)
+            else grant.scopes
+        )
         if form.get("scope"):
             try:
                 asked = parse_scopes(form["scope"])
             except OAuthError as e:
                 raise OAuthError("invalid_scope", e.description) from None
-            if not set(asked) <= set(grant.scopes):
+            if not set(asked) <= set(scopes):
                 raise OAuthError(
                     "invalid_scope", "A refresh cannot add scopes the person did not grant."
                 )

@@ -101,9 +101,11 @@ class RefreshStore:
         grant: str | None = None,
         client_id: str | None = None,
         user_agent: str | None = None,
+        scopes: tuple[str, ...] | None = None,
     ) -> Rotation:
         """A new login (or an app's new session under ``grant``, for ``client_id``): a new
-        family and its first token. ``user_agent``: the browser's, shown in its session list."""
+        family and its first token. ``user_agent``: the browser's, shown in its session list.
+        ``scopes``: an app session's own scopes (within its grant), which refreshes keep to."""
         family = family or secrets.token_hex(16)
         now = self.clock()
         doc: dict[str, Any] = {
@@ -118,6 +120,8 @@ class RefreshStore:
         if grant is not None:
             doc["grant"] = grant
             doc["clientId"] = client_id
+            if scopes is not None:
+                doc["scopes"] = list(scopes)
         await self.db.put(doc)
         token = f"rt1.{family}.{secrets.token_urlsafe(32)}"
         expires = int(now) + self.ttl

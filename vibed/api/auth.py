@@ -17,7 +17,13 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request
 
 from vibed.config import Config
-from vibed.errors import BadRequest, TooManyRequests, Unauthorized, install_error_handlers
+from vibed.errors import (
+    BadRequest,
+    Forbidden,
+    TooManyRequests,
+    Unauthorized,
+    install_error_handlers,
+)
 from vibed.identity import (
     IdentityService,
     LoginFailed,
@@ -29,7 +35,7 @@ from vibed.ratelimit import Hit, RateLimiter
 from vibed.sessions import RefreshRejected, RefreshStore, Rotation
 from vibed.tokens import TokenIssuer
 
-from .http import client_address, json_response, read_json_object
+from .http import authenticate, client_address, json_response, read_json_object
 
 _log = Logger(namespace="vibed.api.auth")
 
@@ -93,10 +99,24 @@ class AuthAPI:
         }
 
     async def login_response(
-        self, request: IRequest, doc: dict[str, Any], status: int = 200
+        self, request: IRequest, doc: dict[str, Any], status: int = 200, *, session: bool = True
     ) -> bytes:
         """Log ``doc``'s identity in: a new session, the refresh cookie, the tokens' body.
-        Every way of logging in ends here (password, signup, the agent's DID challenge)."""
+        Every way of logging in ends here (password, signup, the agent's DID challenge).
+
+        ``session=False`` (the agent's DID login, which holds a key rather than a session):
+        an access token alone, no refresh session, no cookie; nothing is listed among the
+        person's sessions or left behind (docs/auth.md)."""
+        if not session:
+            token, exp = self.issuer.issue_access(doc["_id"], SCOPES)
+            body = {
+                "identity": redact(doc),
+                "accessToken": token,
+                "tokenType": "Bearer",
+                "expiresIn": self.issuer.ttl,
+                "expiresAt": exp,
+            }
+            return json_response(request, body, status)
         rotation = await self.refresh.create_family(doc["_id"], user_agent=user_agent(request))
         body = {"identity": redact(doc), **self._tokens(request, doc["_id"], rotation)}
         return json_response(request, body, status)
@@ -201,6 +221,18 @@ class AuthAPI:
         token = (request.getCookie(COOKIE) or b"").decode("ascii", "replace")
         if token:
             await self.refresh.revoke(token)
+        elif request.getHeader(b"authorization"):
+            # No cookie (a client that keeps none, like the agent after its one password
+            # login): a first-party access token ends its own session.
+            claims = authenticate(request, self.issuer)
+            if claims.client_id is not None or FIRST_PARTY_SCOPE not in claims.scp:
+                raise Forbidden(
+                    "Only a first-party token can log out; an app ends its session at "
+                    "/auth/revoke.",
+                    slug="insufficient-scope",
+                )
+            if claims.sid:
+                await self.refresh.revoke_family(claims.sid)
         self._clear_cookie(request)
         request.setResponseCode(204)
         return b""
