@@ -180,8 +180,9 @@ class Agent:
             window.wait_for_event("close", timeout=10_000)
 
     def storage(self) -> dict[str, Any]:
-        """Everything the extension keeps: storage.local, storage.session and, for each key
-        in IndexedDB, what the CryptoKey says of itself and whether it exports."""
+        """Everything the extension keeps: storage.local (which should hold nothing),
+        storage.session, its state in IndexedDB and, for each key there, what the CryptoKey
+        says of itself and whether it exports."""
         result: dict[str, Any] = self.worker.evaluate(
             """async () => {
               const open = () => new Promise((ok, no) => {
@@ -197,6 +198,10 @@ class Agent:
                   if (c) { out.push([c.key, c.value]); c.continue(); } else ok(out);
                 };
               });
+              const state = !db.objectStoreNames.contains("state") ? null : await new Promise((ok) => {
+                const got = db.transaction("state").objectStore("state").get("state");
+                got.onsuccess = () => ok(got.result || null);
+              });
               db.close();
               const described = [];
               for (const [ref, key] of keys) {
@@ -208,7 +213,7 @@ class Agent:
                                 exported: typeof exported === "string" ? exported : "EXPORTED",
                                 json: JSON.stringify(key)});
               }
-              return {local: await chrome.storage.local.get(null),
+              return {local: await chrome.storage.local.get(null), state: state || {},
                       session: await chrome.storage.session.get(null), keys: described};
             }"""
         )
@@ -284,7 +289,7 @@ def test_agent_journey_add_connect_write_revoke(
     assert key["type"] == "private" and key["algorithm"] == "Ed25519"
     assert key["extractable"] is False and key["usages"] == ["sign"]
     assert key["exported"] == "InvalidAccessError" and key["json"] == "{}"
-    assert [i["did"] for i in kept["local"]["identities"]] == [me["did"]]
+    assert [i["did"] for i in kept["state"]["identities"]] == [me["did"]]
 
     app = agent.page(f"{notes_site.origin}/?server={quote(server.url, safe='')}")
     app.wait_for_selector("#login:not([hidden])")
@@ -348,7 +353,7 @@ def test_agent_journey_add_connect_write_revoke(
     until(
         lambda: "no longer has access" in (popup.text_content("#notices") or ""),
         what="the popup tells that the site lost its access",
-        on_fail=lambda: json.dumps(agent.storage()["local"]) + app.text_content("#error"),
+        on_fail=lambda: json.dumps(agent.storage()["state"]) + app.text_content("#error"),
     )
     assert popup.locator("li.site").count() == 0
     shot(popup, "agent-popup-revoked")
@@ -475,10 +480,10 @@ def test_a_challenge_signed_for_one_server_is_refused_by_another(
         assert other_email in (popup.text_content("li.identity.active") or "")
         popup.click("li.identity:not(.active) >> text=Use this one")
         until(lambda: email in (popup.text_content("li.identity.active") or ""), what="switch")
-        first = agent.storage()["local"]["identities"][0]
+        first = agent.storage()["state"]["identities"][0]
         did, ref = first["did"], first["ref"]
         script = """async ([signFor, base, did, ref]) => {
-          const db = await new Promise((ok) => { const r = indexedDB.open("vibe-agent", 1);
+          const db = await new Promise((ok) => { const r = indexedDB.open("vibe-agent");
                                                   r.onsuccess = () => ok(r.result); });
           const key = await new Promise((ok) => {
             const got = db.transaction("keys").objectStore("keys").get(ref);
@@ -556,7 +561,7 @@ def test_every_failure_is_a_clear_message(
     with urllib.request.urlopen(doc_url) as r:
         doc["_rev"] = json.load(r)["_rev"]
     _put(doc_url, doc)
-    assert agent.storage()["local"].get("identities", []) == []
+    assert agent.storage()["state"].get("identities", []) == []
     assert agent.storage()["keys"] == []
 
     popup = agent.add(server.url, email)

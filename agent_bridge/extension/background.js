@@ -5,15 +5,17 @@
 //   identities and decide consent requests;
 // - content scripts relay a page's window.vibe calls (connect, getToken, disconnect);
 //   the requesting origin is sender.origin, which the browser sets, never the page.
-// No externally_connectable: no web page or other extension can message it directly.
+// externally_connectable lists no extension and no page: nothing outside can message it.
 //
-// Kept: chrome.storage.local holds the identities (server, id, did, email), the sites each
-// one approved (origin, grant id, scopes) and notices for the popup; IndexedDB holds one
-// non-extractable Ed25519 CryptoKey per identity (lib/keys.js); chrome.storage.session
-// (memory, gone with the browser, not readable by content scripts) holds access and app
-// refresh tokens. The password and the seed are never stored. docs/agent.md has it all.
+// Kept: the extension's IndexedDB (its own origin: no content script or page can open it)
+// holds one non-extractable Ed25519 CryptoKey per identity and the agent's state: the
+// identities (server, id, did, email), the sites each one approved (origin, grant id,
+// scopes), the origins blocked and notices for the popup (lib/keys.js). chrome.storage.session
+// (memory, gone with the browser, trusted contexts only) holds access and app refresh tokens
+// and a counter the popup watches. chrome.storage.local holds nothing: content scripts can
+// read and write it. The password and the seed are never stored. docs/agent.md has it all.
 
-import { keyStore, sign, unwrapSigningKey } from "./lib/keys.js";
+import { keyStore, sign, stateStore, unwrapSigningKey } from "./lib/keys.js";
 import { Server } from "./lib/server.js";
 import {
   AgentError,
@@ -28,6 +30,15 @@ import {
 const MARGIN = 60_000; // renew a token this long before it expires (ms)
 const EXTENSION_ORIGIN = new URL(chrome.runtime.getURL("/")).origin;
 const MAX_NOTICES = 20;
+/** After the n-th Deny (or a window closed unanswered) in a row, the origin waits this long. */
+const COOLDOWNS = [60_000, 10 * 60_000, 60 * 60_000, 24 * 60 * 60_000];
+/** At most one consent window per origin this often, whatever the page claims (ms). */
+const PROMPT_GAP = 3_000;
+/** An Allow sooner than this after the window opened is not a person's (consent.js waits too). */
+const ALLOW_DELAY = 750;
+
+// Trusted contexts only (the default for session storage; said explicitly).
+chrome.storage.session.setAccessLevel?.({ accessLevel: "TRUSTED_CONTEXTS" }).catch(() => {});
 
 // -- stored state -------------------------------------------------------------------------
 
@@ -38,19 +49,39 @@ function update(change) {
   const run = queue.then(async () => {
     const state = await load();
     const result = await change(state);
-    await chrome.storage.local.set(state);
+    await stateStore.put(state);
+    // The popup re-renders on this (storage.session: trusted contexts only).
+    await chrome.storage.session.set({ stateVersion: Date.now() + Math.random() });
     return result;
   });
   queue = run.catch(() => {});
   return run;
 }
 
+let migrated = Promise.resolve();
+
+// Once, on an update from 0.1.0 (which kept its state in storage.local): move it where pages
+// cannot reach. storage.local is emptied on every install or update and never read otherwise
+// (a compromised page could have written anything there).
+chrome.runtime.onInstalled.addListener(({ reason }) => {
+  migrated = (async () => {
+    const old = reason === "update" ? await chrome.storage.local.get(null) : {};
+    if (old && Array.isArray(old.identities) && !(await stateStore.get())) {
+      const { identities, active = null, sites = {}, notices = [] } = old;
+      await stateStore.put({ identities, active, sites, notices, blocked: {} });
+    }
+    await chrome.storage.local.clear();
+  })().catch((error) => console.error("vibe agent: moving the state failed", error));
+});
+
 async function load() {
-  const got = await chrome.storage.local.get(["identities", "active", "sites", "notices"]);
+  await migrated;
+  const got = (await stateStore.get()) || {};
   return {
     identities: got.identities || [],
     active: got.active || null,
     sites: got.sites || {},
+    blocked: got.blocked || {},
     notices: got.notices || [],
   };
 }
@@ -162,7 +193,9 @@ function appToken(identity, origin, site, { force = false } = {}) {
     if (held && held.refreshToken) tokens = await server.refresh(origin, held.refreshToken);
     if (!tokens) {
       // No session here (the browser restarted) or it ended: a new one under the grant.
-      const answer = await asIdentity(identity, (token) => server.grantTokens(token, site.grantId));
+      const answer = await asIdentity(identity, (token) =>
+        server.grantTokens(token, site.grantId, origin, site.scopes),
+      );
       tokens = answer && answer.tokens;
     }
     if (!tokens) {
@@ -216,13 +249,21 @@ async function addIdentity({ server, email, password }) {
   if (typeof password !== "string" || !password) throw new AgentError("bad-request", "Enter your password.");
   const api = new Server(base);
   const login = await api.login(email.trim(), password);
-  const answer = await api.key(login.accessToken);
-  if (!answer || answer.did !== login.identity.did) {
-    throw new AgentError("key-mismatch", `The key ${base} sent is not this identity's did:key; nothing was stored.`);
+  let key;
+  let proof;
+  try {
+    const answer = await api.key(login.accessToken);
+    if (!answer || answer.did !== login.identity.did) {
+      throw new AgentError("key-mismatch", `The key ${base} sent is not this identity's did:key; nothing was stored.`);
+    }
+    key = await unwrapSigningKey(password, answer);
+    // From here on only the key: the first DID login proves the server takes it.
+    proof = await api.didLogin(login.identity.did, key, sign);
+  } finally {
+    // The password login's session is not needed (the key is): end it, whatever happened,
+    // so that it is not left among the person's sessions for 30 days.
+    await api.logout(login.accessToken);
   }
-  const key = await unwrapSigningKey(password, answer);
-  // From here on only the key: the first DID login proves the server takes it.
-  const proof = await api.didLogin(login.identity.did, key, sign);
   if (!proof.identity || proof.identity.id !== login.identity.id) {
     throw new AgentError("key-mismatch", `${base} logged this key in as another identity; nothing was stored.`);
   }
@@ -294,30 +335,33 @@ async function removeSite(ref, origin) {
 
 // -- consent ----------------------------------------------------------------------------------
 
-const pending = new Map(); // request id -> {origin, scopes, name, identity, windowId, settle}
+const pending = new Map(); // request id -> {origin, scopes, name, identity, windowId, openedAt, settle}
+const lastPrompt = new Map(); // origin -> when its last consent window opened (ms)
 
+/** Open the consent window; resolves "allow", "deny", "block" or "dismissed" (closed). */
 function openConsent(request) {
-  return new Promise((resolve, reject) => {
+  return new Promise((resolve) => {
     const id = crypto.randomUUID();
-    request.settle = (allow) => {
+    request.openedAt = Date.now();
+    request.settle = (decision) => {
+      if (!pending.has(id)) return;
       pending.delete(id);
       if (request.windowId !== undefined) chrome.windows.remove(request.windowId).catch(() => {});
-      if (allow) resolve();
-      else reject(new AgentError("denied", "The person did not allow this site."));
+      resolve(decision);
     };
     pending.set(id, request);
     chrome.windows
-      .create({ url: chrome.runtime.getURL(`consent.html#${id}`), type: "popup", width: 460, height: 640, focused: true })
+      .create({ url: chrome.runtime.getURL(`consent.html#${id}`), type: "popup", width: 460, height: 660, focused: true })
       .then((win) => {
         request.windowId = win.id;
         if (!pending.has(id)) chrome.windows.remove(win.id).catch(() => {});
       })
-      .catch(() => request.settle(false));
+      .catch(() => request.settle("dismissed"));
   });
 }
 
 chrome.windows.onRemoved.addListener((windowId) => {
-  for (const request of pending.values()) if (request.windowId === windowId) request.settle(false);
+  for (const request of pending.values()) if (request.windowId === windowId) request.settle("dismissed");
 });
 
 // The consent window keeps a port open (and pings it) so this worker stays alive meanwhile.
@@ -325,6 +369,31 @@ chrome.runtime.onConnect.addListener((port) => {
   if (port.sender?.origin !== EXTENSION_ORIGIN || port.name !== "consent") return port.disconnect();
   port.onMessage.addListener(() => {});
 });
+
+/** The block of ``origin`` still in force ({until: ms | null for "until unblocked"}), or null. */
+function blockOf(state, origin) {
+  const block = state.blocked[origin];
+  if (!block) return null;
+  if (block.until === null || block.until > Date.now()) return block;
+  return null;
+}
+
+/** Record a Deny (or a window closed unanswered): the origin waits longer each time. */
+function denied(state, origin, decision) {
+  const previous = state.blocked[origin] || { denials: 0 };
+  if (decision === "block") {
+    state.blocked[origin] = { until: null, denials: previous.denials, at: Date.now() };
+    notice(state, `${origin} is blocked: it cannot ask again until you unblock it here.`, "warn");
+    return;
+  }
+  const denials = previous.denials + 1;
+  const wait = COOLDOWNS[Math.min(denials, COOLDOWNS.length) - 1];
+  state.blocked[origin] = { until: Date.now() + wait, denials, at: Date.now() };
+}
+
+function deniedError() {
+  return new AgentError("denied", "The person did not allow this site.");
+}
 
 // -- page calls (window.vibe, through the content script) -----------------------------------
 
@@ -358,16 +427,9 @@ const page = {
     const silent = options.prompt === "none";
     const state = await load();
     const identity = pickIdentity(state, server);
-    // Silently, an unknown site learns nothing (not even whether an identity is here).
-    if (!identity && silent) return { identity: null };
-    if (!identity) {
-      throw new AgentError(
-        "no-identity",
-        server ? `The vibe agent holds no identity on ${server}.` : "Add an identity in the vibe agent first.",
-      );
-    }
-    const site = (state.sites[identity.ref] || {})[origin];
+    const site = identity && (state.sites[identity.ref] || {})[origin];
     if (site && covers(site.scopes, scopes) && (site.connected || !silent)) {
+      // Approved before (this origin already knows the identity): no window.
       const token = await appToken(identity, origin, site);
       if (token) {
         if (!site.connected) {
@@ -379,6 +441,8 @@ const page = {
         return { identity: pageIdentity(identity) };
       }
     }
+    // Whether an identity is here on that server is said only after a click: silently, and
+    // without a click, every page gets the same answer whatever the agent holds.
     if (silent) return { identity: null };
     if (!activation) {
       throw new AgentError(
@@ -386,27 +450,46 @@ const page = {
         "The vibe agent asks the person only after a click: call connect() from a click handler.",
       );
     }
+    if (!identity) throw new AgentError("no-identity", "The vibe agent holds no identity for this server.");
+    if (blockOf(state, origin)) throw deniedError();
     for (const request of pending.values()) {
       if (request.origin === origin) throw new AgentError("busy", "The vibe agent is already asking about this site.");
     }
+    // One window per gesture (content/bridge.js spends the click), and per origin at most
+    // one every PROMPT_GAP even if a compromised page claims clicks it did not get.
+    if (Date.now() - (lastPrompt.get(origin) || 0) < PROMPT_GAP) {
+      throw new AgentError("busy", "The vibe agent just asked about this site; wait a moment.");
+    }
+    lastPrompt.set(origin, Date.now());
     const name = cleanName(options.appName);
-    await openConsent({ origin, scopes, name, identity });
+    const decision = await openConsent({ origin, scopes, name, identity });
+    lastPrompt.set(origin, Date.now());
+    if (decision !== "allow") {
+      await update((s) => denied(s, origin, decision));
+      throw deniedError();
+    }
     const minted = await asIdentity(identity, (token) =>
       new Server(identity.server).mintGrant(token, origin, scopes, name),
     );
+    if (!minted || !minted.grant || minted.grant.origin !== origin) {
+      throw new AgentError("server-refused", `${identity.server} answered for another site than ${origin}.`);
+    }
     const previous = await session.get(appKey(identity.ref, origin));
     if (previous && previous.refreshToken) await new Server(identity.server).revoke(origin, previous.refreshToken);
     await saveAppTokens(identity, origin, minted.tokens);
+    // What the tokens carry: the scopes asked (and shown), even when a wider grant was reused.
+    const carried = String(minted.tokens.scope || "").split(" ").filter(Boolean);
     await update((s) => {
+      delete s.blocked[origin];
       s.sites[identity.ref] = s.sites[identity.ref] || {};
       s.sites[identity.ref][origin] = {
         grantId: minted.grant.id,
-        scopes: minted.grant.scopes,
+        scopes: carried.length ? carried : scopes,
         name,
         connected: true,
         approvedAt: Date.now(),
       };
-      notice(s, `${origin} may now ${describeScopes(minted.grant.scopes).map(([t, c]) => (c ? `${t.toLowerCase()} ${c}` : t.toLowerCase())).join(", ")}.`);
+      notice(s, `${origin} may now ${describeScopes(carried.length ? carried : scopes).map(([t, c]) => (c ? `${t.toLowerCase()} ${c}` : t.toLowerCase())).join(", ")}.`);
     });
     return { identity: pageIdentity(identity) };
   },
@@ -432,6 +515,35 @@ const page = {
   },
 };
 
+// What a page is told when a call fails: the code, and a sentence that names no email, server
+// or anything else of the person's (the details go to the popup's notices).
+const PAGE_SAFE = new Set(["bad-request", "insecure-origin", "needs-user-action", "busy", "denied", "no-identity"]);
+const PAGE_MESSAGES = {
+  unreachable: "The vibe agent cannot reach the server right now; try again later.",
+  unavailable: "The server cannot serve this right now; try again in a moment.",
+  "too-many-requests": "Too many requests for now; try again later.",
+  "key-rejected": "The vibe agent can no longer prove who the person is to this server; the person can fix it in the vibe agent.",
+  "wrong-audience": "The vibe agent can no longer prove who the person is to this server; the person can fix it in the vibe agent.",
+  "no-key": "The vibe agent can no longer prove who the person is to this server; the person can fix it in the vibe agent.",
+};
+const PAGE_GENERIC = "The vibe agent could not do this; the person can see why in the vibe agent.";
+
+async function pageError(origin, error) {
+  if (!(error instanceof AgentError)) {
+    console.error("vibe agent:", error);
+    return { code: "agent-error", message: PAGE_GENERIC };
+  }
+  if (PAGE_SAFE.has(error.code)) return error.toJSON();
+  // The person sees the details (key-rejected and friends already noted theirs).
+  if (!["key-rejected", "wrong-audience"].includes(error.code)) {
+    const text = `${origin}: ${error.message}`;
+    await update((state) => {
+      if (!state.notices.length || state.notices[0].text !== text) notice(state, text, "error");
+    }).catch(() => {});
+  }
+  return { code: error.code, message: PAGE_MESSAGES[error.code] || PAGE_GENERIC };
+}
+
 // -- the agent's own pages --------------------------------------------------------------------
 
 const own = {
@@ -446,6 +558,9 @@ const own = {
           Object.entries(sites).map(([origin, site]) => ({ origin, scopes: site.scopes, name: site.name, connected: site.connected })),
         ]),
       ),
+      blocked: Object.entries(state.blocked)
+        .filter(([origin]) => blockOf(state, origin))
+        .map(([origin, block]) => ({ origin, until: block.until })),
       notices: state.notices,
     };
   },
@@ -459,6 +574,15 @@ const own = {
   },
   forget: ({ ref }) => forget(ref),
   removeSite: ({ ref, origin }) => removeSite(ref, origin),
+  async unblock({ origin }) {
+    await update((state) => {
+      if (!state.blocked[origin]) throw new AgentError("bad-request", "This site is not blocked.");
+      delete state.blocked[origin];
+      lastPrompt.delete(origin);
+      notice(state, `${origin} may ask again.`);
+    });
+    return null;
+  },
   async clearNotices() {
     await update((state) => {
       state.notices = [];
@@ -475,20 +599,28 @@ const own = {
       identity: publicIdentity(request.identity),
     };
   },
-  async decide({ id, allow }) {
+  async decide({ id, decision }) {
     const request = pending.get(id);
     if (!request) throw new AgentError("expired", "This request is no longer open: go back to the page and try again.");
-    request.settle(allow === true);
+    if (!["allow", "deny", "block"].includes(decision)) throw new AgentError("bad-request", "Allow, deny or block.");
+    if (decision === "allow" && Date.now() - request.openedAt < ALLOW_DELAY) {
+      throw new AgentError("too-soon", "Read the request first, then choose.");
+    }
+    request.settle(decision);
     return null;
   },
 };
 
 // -- messages ---------------------------------------------------------------------------------
 
-function answer(promise, sendResponse) {
+function answer(promise, sendResponse, origin = null) {
   promise.then(
     (result) => sendResponse({ result: result === undefined ? null : result }),
-    (error) => {
+    async (error) => {
+      if (origin !== null) {
+        sendResponse({ error: await pageError(origin, error) });
+        return;
+      }
       if (!(error instanceof AgentError)) console.error("vibe agent:", error);
       sendResponse({
         error:
@@ -515,12 +647,19 @@ chrome.runtime.onMessage.addListener((message, sender, sendResponse) => {
     return answer(
       Promise.reject(new AgentError("insecure-origin", "The vibe agent serves https pages (and http on localhost) only.")),
       sendResponse,
+      origin,
     );
   }
   const handler = Object.hasOwn(page, message.type) ? page[message.type] : null;
-  if (!handler) return answer(Promise.reject(new AgentError("bad-request", "The vibe agent has no such call.")), sendResponse);
+  if (!handler) return answer(Promise.reject(new AgentError("bad-request", "The vibe agent has no such call.")), sendResponse, origin);
   return answer(
     Promise.resolve().then(() => handler(origin, message.payload, message.activation === true)),
     sendResponse,
+    origin,
   );
 });
+
+// No other extension and no web page may message the agent (externally_connectable lists
+// none); should a message arrive anyway, it is refused, never handled.
+chrome.runtime.onMessageExternal.addListener(() => false);
+chrome.runtime.onConnectExternal.addListener((port) => port.disconnect());

@@ -24,12 +24,73 @@ function fail(error) {
 const port = chrome.runtime.connect({ name: "consent" });
 setInterval(() => port.postMessage("ping"), 20_000);
 
-async function decide(allow) {
-  $("allow").disabled = $("deny").disabled = true;
+// Allow answers only a person who has seen this window: it is off until the window has been
+// visible and focused for ARM_DELAY, and off again whenever it is hidden or loses focus (a page
+// cannot have a keystroke or a click meant for it land here: keyjacking, clickjacking).
+// Nothing is focused at first, so Enter or Space pressed as the window opens does nothing, and
+// a held key (its repeats) or a key pressed before the window opened never counts.
+const ARM_DELAY = 750;
+let armTimer = null;
+let decided = false;
+
+function disarm() {
+  clearTimeout(armTimer);
+  armTimer = null;
+  $("allow").disabled = true;
+}
+
+function rearm() {
+  disarm();
+  if (decided || $("request").hidden) return;
+  if (document.visibilityState !== "visible" || !document.hasFocus()) return;
+  armTimer = setTimeout(() => {
+    armTimer = null;
+    if (!decided && document.visibilityState === "visible" && document.hasFocus()) $("allow").disabled = false;
+  }, ARM_DELAY);
+}
+
+window.addEventListener("focus", rearm);
+window.addEventListener("blur", disarm);
+document.addEventListener("visibilitychange", rearm);
+
+const keysDown = new Set();
+window.addEventListener(
+  "keydown",
+  (event) => {
+    if (event.repeat) {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+      return;
+    }
+    keysDown.add(event.code);
+  },
+  true,
+);
+window.addEventListener(
+  "keyup",
+  (event) => {
+    // A key whose press this window did not see (held from the page) does not click here.
+    if (!keysDown.delete(event.code)) {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+    }
+  },
+  true,
+);
+
+async function decide(decision) {
+  if (decided) return;
+  if (decision === "allow" && $("allow").disabled) return;
+  decided = true;
+  disarm();
+  $("deny").disabled = $("block").disabled = true;
   try {
-    await ask("decide", { id, allow });
+    await ask("decide", { id, decision });
     window.close();
   } catch (error) {
+    decided = false;
+    $("deny").disabled = $("block").disabled = false;
+    rearm();
     fail(error);
   }
 }
@@ -53,9 +114,10 @@ try {
     }),
   );
   $("request").hidden = false;
-  $("allow").addEventListener("click", () => decide(true));
-  $("deny").addEventListener("click", () => decide(false));
-  $("allow").focus();
+  $("allow").addEventListener("click", () => decide("allow"));
+  $("deny").addEventListener("click", () => decide("deny"));
+  $("block").addEventListener("click", () => decide("block"));
+  rearm();
 } catch (error) {
   fail(error);
 }

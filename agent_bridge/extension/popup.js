@@ -86,6 +86,30 @@ async function render() {
         })
       : [el("li", { class: "muted", textContent: "No site has asked yet." })]),
   );
+  $("blocked-section").hidden = state.blocked.length === 0;
+  $("blocked").replaceChildren(
+    ...state.blocked.map((block) => {
+      const unblock = el("button", { type: "button", textContent: "Unblock" });
+      unblock.setAttribute("aria-label", `Unblock ${block.origin}`);
+      unblock.addEventListener("click", () =>
+        act(unblock, async () => {
+          await ask("unblock", { origin: block.origin });
+          say(`${block.origin} may ask again.`);
+        }),
+      );
+      const until =
+        block.until === null
+          ? "Blocked until you unblock it."
+          : `You denied it; it may ask again after ${new Date(block.until).toLocaleTimeString()}.`;
+      return el(
+        "li",
+        { class: "site blocked" },
+        el("strong", { textContent: block.origin }),
+        el("span", { class: "muted small until", textContent: until }),
+        el("div", { class: "row" }, unblock),
+      );
+    }),
+  );
   $("notices-section").hidden = state.notices.length === 0;
   $("notices").replaceChildren(
     ...state.notices.map((n) => el("li", { class: `notice ${n.kind}`, textContent: n.text })),
@@ -112,9 +136,10 @@ $("add").addEventListener("submit", (event) => {
 
 $("clear-notices").addEventListener("click", (event) => act(event.currentTarget, () => ask("clearNotices")));
 
-// Live: a site revoked or approved meanwhile shows at once.
-chrome.storage.onChanged.addListener((_changes, area) => {
-  if (area === "local") render().catch(() => {});
+// Live: a site revoked, approved or blocked meanwhile shows at once (the service worker bumps
+// stateVersion in storage.session, which only the extension's own pages can see).
+chrome.storage.onChanged.addListener((changes, area) => {
+  if (area === "session" && changes.stateVersion) render().catch(() => {});
 });
 
 render().catch((error) => say(error.message, "error"));

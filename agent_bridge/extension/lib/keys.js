@@ -70,16 +70,21 @@ export async function sign(key, bytes) {
   return new Uint8Array(await crypto.subtle.sign("Ed25519", key, bytes));
 }
 
-// -- IndexedDB: one store, CryptoKey objects keyed by the identity's reference ---------------
+// -- IndexedDB: CryptoKeys per identity, and the agent's state --------------------------------
+//
+// The extension's own origin: no content script (they run in the pages' origins) and no web
+// page can open it, unlike chrome.storage.local, which content scripts can read and write.
 
 const DB = "vibe-agent";
-const STORE = "keys";
+const STORES = ["keys", "state"];
 
 function open(version) {
   return new Promise((resolve, reject) => {
     const request = version ? indexedDB.open(DB, version) : indexedDB.open(DB);
     request.onupgradeneeded = () => {
-      if (!request.result.objectStoreNames.contains(STORE)) request.result.createObjectStore(STORE);
+      for (const name of STORES) {
+        if (!request.result.objectStoreNames.contains(name)) request.result.createObjectStore(name);
+      }
     };
     request.onsuccess = () => resolve(request.result);
     request.onerror = () => reject(request.error);
@@ -88,19 +93,19 @@ function open(version) {
 
 async function database() {
   const db = await open();
-  if (db.objectStoreNames.contains(STORE)) return db;
-  // The database exists without its store (created by someone else's open): add it.
+  if (STORES.every((name) => db.objectStoreNames.contains(name))) return db;
+  // The database exists without a store (an older agent, or someone else's open): add it.
   const version = db.version + 1;
   db.close();
   return open(version);
 }
 
-async function run(mode, action) {
+async function run(store, mode, action) {
   const db = await database();
   try {
     return await new Promise((resolve, reject) => {
-      const tx = db.transaction(STORE, mode);
-      const request = action(tx.objectStore(STORE));
+      const tx = db.transaction(store, mode);
+      const request = action(tx.objectStore(store));
       tx.oncomplete = () => resolve(request.result);
       tx.onerror = tx.onabort = () => reject(tx.error || request.error);
     });
@@ -110,7 +115,13 @@ async function run(mode, action) {
 }
 
 export const keyStore = {
-  put: (ref, key) => run("readwrite", (store) => store.put(key, ref)),
-  get: (ref) => run("readonly", (store) => store.get(ref)),
-  delete: (ref) => run("readwrite", (store) => store.delete(ref)),
+  put: (ref, key) => run("keys", "readwrite", (store) => store.put(key, ref)),
+  get: (ref) => run("keys", "readonly", (store) => store.get(ref)),
+  delete: (ref) => run("keys", "readwrite", (store) => store.delete(ref)),
+};
+
+/** The agent's state (identities, sites, blocked origins, notices): one record. */
+export const stateStore = {
+  get: () => run("state", "readonly", (store) => store.get("state")),
+  put: (state) => run("state", "readwrite", (store) => store.put(state, "state")),
 };

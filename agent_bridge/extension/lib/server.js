@@ -85,6 +85,19 @@ export class Server {
     }
   }
 
+  /**
+   * End the session a first-party token belongs to (POST /auth/logout with the token: the
+   * agent keeps no cookie). Used once, for the password login that adds an identity; every
+   * later login is a DID login that makes no session. Best effort.
+   */
+  async logout(token) {
+    try {
+      await this.call("POST", "/auth/logout", { token });
+    } catch {
+      // Offline: the session stays listed in the person's dashboard, where it can be ended.
+    }
+  }
+
   /** GET /me/key with a first-party token. */
   key(token) {
     return this.call("GET", "/me/key", { token });
@@ -108,7 +121,9 @@ export class Server {
     const signature = await sign(key, challengeMessage(challenge.aud, challenge.nonce));
     try {
       return await this.call("POST", "/auth/response", {
-        body: { did, nonce: challenge.nonce, signature: b64url(signature) },
+        // session: false: an access token only, no refresh session (the key is the agent's
+        // lasting credential, so nothing is left in the person's Sessions).
+        body: { did, nonce: challenge.nonce, signature: b64url(signature), session: false },
       });
     } catch (error) {
       if (error.status === 401) {
@@ -126,14 +141,23 @@ export class Server {
     return this.call("POST", "/agent/grants", { token, body: { origin, scopes, name } });
   }
 
-  /** POST /agent/grants/{gid}/tokens; null when the grant is gone (revoked). */
-  async grantTokens(token, gid) {
+  /**
+   * POST /agent/grants/{gid}/tokens for ``origin`` (the server answers 404 unless the grant
+   * is that origin's); null when the grant is gone (revoked) or is another origin's.
+   */
+  async grantTokens(token, gid, origin, scopes) {
+    let answer;
     try {
-      return await this.call("POST", `/agent/grants/${encodeURIComponent(gid)}/tokens`, { token });
+      answer = await this.call("POST", `/agent/grants/${encodeURIComponent(gid)}/tokens`, {
+        token,
+        body: { origin, scopes },
+      });
     } catch (error) {
       if (error.status === 404) return null;
       throw error;
     }
+    if (!answer || !answer.grant || answer.grant.origin !== origin) return null;
+    return answer;
   }
 
   /** Rotate an app refresh token at /auth/token; null when the grant or session is gone. */
