@@ -509,7 +509,9 @@ async def test_tokens_carry_only_the_scopes_asked_not_the_whole_reused_grant(
         "POST", path, {"origin": origin, "scopes": ["data:read:notes"]}, token=token
     )
     assert again.code == 200 and again.json()["tokens"]["scope"] == "data:read:notes"
-    beyond = await vibed.request("POST", path, {"origin": origin, "scopes": ["blob:*"]}, token=token)
+    beyond = await vibed.request(
+        "POST", path, {"origin": origin, "scopes": ["blob:*"]}, token=token
+    )
     assert_problem(beyond, 404)
 
 
@@ -560,7 +562,9 @@ async def test_the_agents_logins_leave_no_session_behind(vibed: Vibed) -> None:
         assert time.monotonic() < deadline, "a logged-out token still works after 5 s"
 
     made = await vibed.request(
-        "POST", "/agent/grants", {"origin": "https://a.example", "scopes": ["data:*"]},
+        "POST",
+        "/agent/grants",
+        {"origin": "https://a.example", "scopes": ["data:*"]},
         token=agent_token,
     )
     app_token = made.json()["tokens"]["access_token"]

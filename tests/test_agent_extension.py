@@ -81,7 +81,7 @@ def notes_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StaticSite]
 
 ATTACK_PAGE = """<!doctype html>
 <meta charset="utf-8"><title>Not an attack, honest</title>
-<button id="go">Go</button>
+<button id="go">Go</button> <button id="wide">Everything</button> <button id="flood">Flood</button>
 <script>
   // Everything the page sees on its window, including the agent's relay traffic.
   window.seen = [];
@@ -96,6 +96,27 @@ ATTACK_PAGE = """<!doctype html>
                                           origin: "https://victim.example", prompt: "consent"})
       .then((r) => ({ok: r}), (e) => ({code: e.code, message: e.message})));
   };
+  // A keydown anywhere (the person typing) is not a click: it must not open the window.
+  window.keyResults = [];
+  addEventListener("keydown", () => {
+    window.keyResults.push(window.vibe.connect({scopes: ["data:*", "blob:*"]})
+      .then((r) => ({ok: r}), (e) => ({code: e.code, message: e.message})));
+  });
+  window.wide = [];
+  document.getElementById("wide").onclick = () => {
+    window.wide.push(window.vibe.connect({scopes: ["data:*", "blob:*"]})
+      .then((r) => ({ok: r}), (e) => ({code: e.code, message: e.message})));
+  };
+  // Refused? Ask again at once, within the same click, as often as it takes.
+  window.floods = [];
+  document.getElementById("flood").onclick = () => {
+    const ask = () => window.vibe.connect({scopes: ["data:*", "blob:*"]});
+    window.floods.push(ask().catch(() => ask()).catch(() => ask())
+      .then((r) => ({ok: r}), (e) => ({code: e.code, message: e.message})));
+  };
+  // Without a click: does the person have an identity on this server?
+  window.probe = (server) => window.vibe.connect({scopes: ["data:read:x"], server})
+    .then((r) => ({ok: r}), (e) => ({code: e.code, message: e.message}));
   // Talk to the relay as window.vibe does, but with the agent's internal requests.
   window.relay = (type, payload) => new Promise((resolve) => {
     const id = "forged-" + Math.random();
@@ -132,6 +153,8 @@ class Agent:
                 *CHROMIUM_ARGS,
                 f"--disable-extensions-except={extension}",
                 f"--load-extension={extension}",
+                # A plain-http site that is not this machine, served by a local server.
+                "--host-resolver-rules=MAP plain.test 127.0.0.1",
             ],
         )
         workers = self.context.service_workers
@@ -168,9 +191,10 @@ class Agent:
         window.wait_for_selector("#request:not([hidden])")
         return window
 
-    def decide(self, window: Any, allow: bool) -> None:
+    def decide(self, window: Any, allow: bool | str) -> None:
+        """Click Allow (True), Deny (False) or "block" (Block this site)."""
         # The window closes itself on the click.
-        button = "#allow" if allow else "#deny"
+        button = "#block" if allow == "block" else "#allow" if allow else "#deny"
         try:
             window.click(button, no_wait_after=True)
         except Exception as e:  # noqa: BLE001 (Playwright's TargetClosedError)
@@ -198,7 +222,8 @@ class Agent:
                   if (c) { out.push([c.key, c.value]); c.continue(); } else ok(out);
                 };
               });
-              const state = !db.objectStoreNames.contains("state") ? null : await new Promise((ok) => {
+              const hasState = db.objectStoreNames.contains("state");
+              const state = !hasState ? null : await new Promise((ok) => {
                 const got = db.transaction("state").objectStore("state").get("state");
                 got.onsuccess = () => ok(got.result || null);
               });
@@ -274,6 +299,7 @@ def test_agent_journey_add_connect_write_revoke(
     assert me["did"] in (popup.text_content("#identities") or "")
     shot(popup, "agent-popup-identity")
     assert logins(server, me["id"]) == ["Password", "DID challenge"]
+    _, sessions_before = server.call("GET", "/me/sessions", token=first_party)
 
     kept = agent.storage()
     dump = json.dumps(kept)
@@ -311,6 +337,11 @@ def test_agent_journey_add_connect_write_revoke(
     again.wait_for_selector("#app:not([hidden])", timeout=20_000)
     until(lambda: "Through the vibe agent" in note_titles(again), what="the second tab reads")
     assert logins(server, me["id"]) == ["Password", "DID challenge"]
+    # The agent's logins left no session behind: only the signup's is listed (its password
+    # login it ended itself, its DID logins make none).
+    _, sessions = server.call("GET", "/me/sessions", token=first_party)
+    assert len(sessions["sessions"]) == 1 and sessions == sessions_before, sessions
+    assert agent.storage()["local"] == {}  # nothing for a content script to read
 
     _, listed = server.call("GET", "/me/grants", token=first_party)
     (grant,) = listed["grants"]
@@ -436,6 +467,13 @@ def test_a_page_cannot_read_the_key_forge_its_origin_or_skip_consent(
     _, listed = server.call("GET", "/me/grants", token=first_party)
     assert listed["grants"] == []
 
+    # Denied, the site may not ask again for a while; the person can let it in the popup.
+    page.reload()
+    page.click("#go")
+    assert page.evaluate("() => window.clicks[0]")["code"] == "denied"
+    popup = agent.popup()
+    popup.click(f"button[aria-label='Unblock {attack_site.origin}']")
+    popup.wait_for_selector("#blocked-section", state="hidden")
     # Allowed this time: the grant names the real origin, whatever the page claimed.
     page.reload()
     window = agent.consent(lambda: page.click("#go"))
@@ -614,10 +652,189 @@ def test_every_failure_is_a_clear_message(
         "window.notesApp.vibe.lastError.message})"
     )
     assert error["type"] == "key-rejected", error
-    assert "no longer accepts this device's key" in error["message"]
+    # The page is told what happened in general terms; who and where stay in the popup.
+    assert "fix it in the vibe agent" in error["message"], error
+    for private in (email, server.url, me["did"], "127.0.0.1"):
+        assert private not in error["message"], error
     assert app.text_content("#status") == "Logged out"
     popup.reload()
     popup.wait_for_selector("li.identity .message.error")
     problem = popup.text_content("li.identity .message.error") or ""
     assert "no longer accepts this device's key" in problem and "add it again" in problem
     shot(popup, "agent-popup-key-rejected")
+
+
+# -- what the security review found ---------------------------------------------------------
+
+
+def _grants(server: VibedProcess, token: str) -> list[dict[str, Any]]:
+    status, listed = server.call("GET", "/me/grants", token=token)
+    assert status == 200, listed
+    return list(listed["grants"])
+
+
+def test_the_consent_window_cannot_be_keyjacked_or_clickjacked(
+    agent: Agent, server: VibedProcess, attack_site: StaticSite
+) -> None:
+    """A page that asks for everything from a keydown (the person typing) opens nothing. From
+    a click, the window opens with nothing focused and Allow off: Enter, Space and a click on
+    Allow at once (the keystroke or click meant for the page) allow nothing. Allow comes on
+    only after the window has been visible and focused for a moment, goes off again when it
+    loses focus, and a held key's repeats do not press it. The page gets 'denied' when the
+    person denies, and no grant exists."""
+    email, first_party = server.signup()
+    agent.add(server.url, email)
+    page = agent.page(attack_site.origin + "/")
+    page.wait_for_function("() => window.onloadResult !== undefined")
+    opened: list[Any] = []
+    agent.context.on("page", lambda p: opened.append(p))
+    page.keyboard.press("a")
+    page.wait_for_function("() => window.keyResults.length === 1")
+    assert page.evaluate("() => window.keyResults[0]")["code"] == "needs-user-action"
+
+    window = agent.consent(lambda: page.click("#wide"))
+    # At once, as the window opens: the keys and the click the page hoped to redirect.
+    window.keyboard.press("Enter")
+    window.keyboard.press("Space")
+    window.click("#allow", force=True, no_wait_after=True)
+    assert not window.is_closed()
+    assert window.evaluate("() => document.activeElement.id || document.activeElement.tagName") in (
+        "BODY",
+        "deny",
+    )
+    assert _grants(server, first_party) == []
+    shot(window, "agent-consent-wide")
+    window.wait_for_selector("#allow:not([disabled])")
+    # Focus lost: Allow is off at once, and comes back only a while after focus returns.
+    window.evaluate("() => window.dispatchEvent(new Event('blur'))")
+    assert window.is_disabled("#allow")
+    window.evaluate("() => window.dispatchEvent(new Event('focus'))")
+    assert window.is_disabled("#allow")
+    window.wait_for_selector("#allow:not([disabled])")
+    # A key held down from before: its repeats are ignored, even on a focused Allow.
+    window.keyboard.down("Enter")
+    window.evaluate("() => document.getElementById('allow').focus()")
+    window.keyboard.down("Enter")
+    window.keyboard.up("Enter")
+    time.sleep(0.5)
+    assert not window.is_closed() and _grants(server, first_party) == []
+    agent.decide(window, allow=False)
+    assert page.evaluate("() => window.wide[0]")["code"] == "denied"
+    assert len(opened) == 1 and _grants(server, first_party) == []
+    assert agent.errors == []
+
+
+def test_a_page_cannot_flood_the_person_or_probe_for_identities(
+    agent: Agent, server: VibedProcess, attack_site: StaticSite
+) -> None:
+    """Without a click, asking about a server the person has an identity on and about one
+    they do not gets the same answer. One click opens at most one window: asking again at
+    once after a Deny opens nothing, and so does every later click while the site waits
+    (longer after each Deny). The popup lists it, and Unblock lets it ask again; 'Block this
+    site' keeps it out until unblocked. Error messages name neither the person's email nor
+    their server."""
+    email, first_party = server.signup()
+    agent.add(server.url, email)
+    page = agent.page(attack_site.origin + "/")
+    page.wait_for_function("() => window.onloadResult !== undefined")
+    here = page.evaluate("(s) => window.probe(s)", server.url)
+    elsewhere = page.evaluate("(s) => window.probe(s)", "https://nobody.example")
+    assert here == elsewhere and here["code"] == "needs-user-action", (here, elsewhere)
+
+    opened: list[Any] = []
+    agent.context.on("page", lambda p: opened.append(p))
+    window = agent.consent(lambda: page.click("#flood"))
+    agent.decide(window, allow=False)
+    flood = page.evaluate("() => window.floods[0]")
+    assert flood["code"] in ("denied", "needs-user-action"), flood
+    page.click("#flood")
+    assert page.evaluate("() => window.floods[1]")["code"] in ("denied", "needs-user-action")
+    page.click("#wide")  # one connect() per click: the site waits after a Deny
+    assert page.evaluate("() => window.wide[0]")["code"] == "denied"
+    time.sleep(1)
+    assert len(opened) == 1
+    for outcome in page.evaluate("() => Promise.all([...window.floods, ...window.wide])"):
+        assert "ok" not in outcome, outcome
+        assert outcome["code"] in ("denied", "needs-user-action"), outcome
+        assert email not in outcome["message"] and server.url not in outcome["message"]
+
+    popup = agent.popup()
+    popup.wait_for_selector("#blocked li")
+    assert attack_site.origin in (popup.text_content("#blocked") or "")
+    assert "You denied it" in (popup.text_content("#blocked") or "")
+    shot(popup, "agent-popup-blocked")
+    popup.click(f"button[aria-label='Unblock {attack_site.origin}']")
+    popup.wait_for_selector("#blocked-section", state="hidden")
+
+    window = agent.consent(lambda: page.click("#flood"))
+    agent.decide(window, allow="block")
+    assert page.evaluate("() => window.floods[2]")["code"] in ("denied", "needs-user-action")
+    time.sleep(3.5)  # past the per-origin gap: still blocked
+    page.click("#wide")
+    assert page.evaluate("() => window.wide[1]")["code"] == "denied"
+    consents = [p for p in opened if "/consent.html" in p.url]
+    assert len(consents) == 2 and _grants(server, first_party) == []
+    popup.reload()
+    popup.wait_for_selector("#blocked li")
+    assert "until you unblock it" in (popup.text_content("#blocked") or "")
+    assert agent.errors == []
+
+
+def test_a_page_cannot_reach_another_sites_grant_or_exist_on_plain_http(
+    agent: Agent,
+    server: VibedProcess,
+    notes_site: StaticSite,
+    attack_site: StaticSite,
+    extension: Path,
+) -> None:
+    """The agent keeps nothing in chrome.storage.local (which content scripts can read and
+    write): a compromised page that writes a site record pointing its own origin at the notes
+    app's grant there gets no token. Plain-http pages that are not this machine get no
+    window.vibe; no other extension or page may message the agent. "Forget on this device"
+    ends the app sessions it held."""
+    email, first_party = server.signup()
+    agent.add(server.url, email)
+    app = agent.page(f"{notes_site.origin}/?server={quote(server.url, safe='')}")
+    app.wait_for_selector("#login:not([hidden])")
+    window = agent.consent(lambda: app.click("#login"))
+    agent.decide(window, allow=True)
+    app.wait_for_selector("#app:not([hidden])", timeout=20_000)
+    kept = agent.storage()
+    state = kept["state"] or kept["local"]  # (0.1.0 kept it in storage.local)
+    ref = state["identities"][0]["ref"]
+    site = state["sites"][ref][notes_site.origin]
+    agent.worker.evaluate(
+        """async ([state, ref, site, attacker]) => {
+          // Exactly what a content script may do: write chrome.storage.local.
+          await chrome.storage.local.set({identities: state.identities, active: state.active,
+            sites: {[ref]: {[attacker]: {...site, connected: true}}}});
+        }""",
+        [state, ref, site, attack_site.origin],
+    )
+    page = agent.page(attack_site.origin + "/")
+    page.wait_for_function("() => window.onloadResult !== undefined")
+    assert page.evaluate("() => window.vibe.getToken()") is None
+    assert page.evaluate(
+        "() => window.vibe.connect({scopes: ['data:write:notes'], prompt: 'none'})"
+    ) == {"identity": None}
+
+    plain = agent.page(f"http://plain.test:{attack_site.port}/")
+    assert plain.evaluate("() => typeof window.vibe") == "undefined"
+    manifest = json.loads((extension / "manifest.json").read_text())
+    assert manifest["externally_connectable"] == {"ids": []}
+    for matches in [c["matches"] for c in manifest["content_scripts"]] + [
+        manifest["host_permissions"]
+    ]:
+        assert "http://*/*" not in matches and "<all_urls>" not in matches
+
+    held = agent.storage()["session"][f"app {ref} {notes_site.origin}"]["accessToken"]
+    assert server.call("GET", "/data/notes", token=held)[0] == 200
+    popup = agent.popup()
+    popup.on("dialog", lambda dialog: dialog.accept())
+    popup.click("text=Forget on this device")
+    popup.wait_for_selector("#identities-section", state="hidden")
+    until(
+        lambda: server.call("GET", "/data/notes", token=held)[0] == 401,
+        what="the app session the agent held ends when it is forgotten",
+    )
+    assert agent.storage()["state"]["identities"] == []

@@ -90,12 +90,17 @@ async def test_not_logged_in_goes_to_the_login_page_and_back(vibed: Vibed) -> No
 @pytest_twisted.ensureDeferred
 async def test_existing_grant_is_silent_and_more_scopes_ask_again(vibed: Vibed) -> None:
     """A second authorization for scopes an existing grant covers redirects with a code at
-    once (no page); asking for more shows the consent page, and approving makes a new grant;
+    once (no page), whose tokens carry only the scopes asked this time; asking for more shows the consent page, and approving makes a new grant;
     prompt=consent always shows the page."""
     app, _tokens, browser, _ = await authorized_app(vibed, "data:write:notes")
     silent = await browser.go("GET", app.authorize_path("data:read:notes"))
     assert silent.code == 303
     assert "code" in query_of(silent.header("location") or "")
+    # The silent code's tokens carry what was asked now, not all the grant allows.
+    narrow = (await app.exchange(query_of(silent.header("location") or "")["code"])).json()
+    assert narrow["scope"] == "data:read:notes"
+    wrote = await vibed.request("POST", "/data/notes", {"t": 1}, token=narrow["access_token"])
+    assert wrote.code == 403
     forced = await browser.go("GET", app.authorize_path("data:read:notes", prompt="consent"))
     assert forced.code == 200
     more = await browser.go("GET", app.authorize_path("data:write:notes blob:*"))
