@@ -90,8 +90,9 @@ async def test_not_logged_in_goes_to_the_login_page_and_back(vibed: Vibed) -> No
 @pytest_twisted.ensureDeferred
 async def test_existing_grant_is_silent_and_more_scopes_ask_again(vibed: Vibed) -> None:
     """A second authorization for scopes an existing grant covers redirects with a code at
-    once (no page), whose tokens carry only the scopes asked this time; asking for more shows the consent page, and approving makes a new grant;
-    prompt=consent always shows the page."""
+    once (no page), whose tokens carry only the scopes asked this time; asking for more
+    shows the consent page, and approving makes a new grant; prompt=consent always shows
+    the page."""
     app, _tokens, browser, _ = await authorized_app(vibed, "data:write:notes")
     silent = await browser.go("GET", app.authorize_path("data:read:notes"))
     assert silent.code == 303
