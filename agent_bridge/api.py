@@ -303,7 +303,11 @@ OPENAPI_PATHS: dict[str, Any] = {
     },
     "/agent/grants/{gid}/tokens": {
         "post": {
-            "summary": "A new app session under a grant the person already gave",
+            "summary": "A new app session under a grant the person already gave to this origin",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("AgentGrantTokensRequest")}},
+            },
             "parameters": [
                 {
                     "name": "gid",
@@ -314,7 +318,13 @@ OPENAPI_PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "200": {**_GRANT_ANSWER, "description": "The grant and new app tokens"},
-                "404": _problem("No such grant (revoked, or never existed)"),
+                "400": _problem("Not an origin, an unknown scope"),
+                "404": _problem(
+                    "No such grant (revoked, never existed, another origin's, or not "
+                    "covering the scopes)"
+                ),
+                "413": _problem("Body larger than 64 KiB"),
+                "415": _problem("Body is not application/json"),
                 **_BEARER_FAILS,
             },
         }
@@ -372,6 +382,27 @@ OPENAPI_SCHEMAS: dict[str, Any] = {
                 },
             },
             "name": {"type": ["string", "null"], "maxLength": MAX_NAME},
+        },
+    },
+    "AgentGrantTokensRequest": {
+        "type": "object",
+        "required": ["origin"],
+        "properties": {
+            "origin": {
+                "type": "string",
+                "description": "The page the agent asks for; the grant must be this origin's",
+                "maxLength": 300,
+            },
+            "scopes": {
+                "type": ["array", "null"],
+                "description": "The page's own scopes, within the grant (default: the grant's)",
+                "minItems": 1,
+                "maxItems": 32,
+                "items": {
+                    "type": "string",
+                    "pattern": "^(data:\\*|blob:\\*|data:(read|write):[a-z][a-z0-9_-]{0,63})$",
+                },
+            },
         },
     },
     "AgentGrant": {

@@ -179,9 +179,13 @@ def _core_document(public_url: str) -> dict[str, Any]:
             "/auth/logout": {
                 "post": {
                     "summary": "Revoke the refresh token family and clear the cookie",
-                    "security": [],
+                    "description": "Without the cookie, a first-party access token "
+                    "(Authorization: Bearer) ends its own session instead.",
+                    "security": [{}, {"bearer": []}],
                     "responses": {
                         "204": {"description": "Logged out"},
+                        "401": _problem("A bearer token that is invalid, expired or revoked"),
+                        "403": _problem("An app's token: apps end their session at /auth/revoke"),
                         "503": _problem("Database unavailable: the session is not ended yet"),
                     },
                 }
@@ -316,6 +320,12 @@ def _core_document(public_url: str) -> dict[str, Any]:
                             "type": "string",
                             "description": "base64url of the 64-byte Ed25519 signature",
                             "pattern": "^[A-Za-z0-9_-]{86}={0,2}$",
+                        },
+                        "session": {
+                            "type": "boolean",
+                            "default": True,
+                            "description": "false: an access token only, no refresh session "
+                            "and no cookie (the agent, which holds a key, not a session)",
                         },
                     },
                 },
