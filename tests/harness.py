@@ -482,6 +482,16 @@ async def poll(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> flo
     raise AssertionError(f"not within {within} s")
 
 
+def assert_problem(resp: Any, status: int) -> dict[str, Any]:
+    """``resp`` is a problem+json answer with ``status`` (and no traceback); its body."""
+    assert resp.code == status, resp.content
+    assert resp.header("content-type") == "application/problem+json"
+    body: dict[str, Any] = resp.json()
+    assert body["status"] == status and body["type"].startswith("https://") and body["title"]
+    assert "Traceback" not in resp.content.decode()
+    return body
+
+
 def self_signed() -> tuple[Any, Any]:
     """A certificate and key for 127.0.0.1 (pyOpenSSL objects), made for the test."""
     import datetime

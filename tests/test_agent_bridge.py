@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from harness import FakeClock, Vibed, VibedFactory
+from harness import FakeClock, Vibed, VibedFactory, assert_problem
 from twisted.logger import formatEvent, globalLogPublisher
 
 from agent_bridge.protocol import challenge_message
@@ -30,15 +30,6 @@ def email() -> str:
 @pytest_twisted.async_yield_fixture
 async def vibed(make_vibed: VibedFactory) -> AsyncIterator[Vibed]:
     yield await make_vibed()
-
-
-def assert_problem(resp: Any, status: int) -> dict[str, Any]:
-    assert resp.code == status, resp.content
-    assert resp.header("content-type") == "application/problem+json"
-    body: dict[str, Any] = resp.json()
-    assert body["status"] == status and body["type"].startswith("https://") and body["title"]
-    assert "Traceback" not in resp.content.decode()
-    return body
 
 
 # -- the DID challenge ---------------------------------------------------------------------

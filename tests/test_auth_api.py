@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from harness import FakeClock, Vibed, VibedFactory, make_config
+from harness import FakeClock, Vibed, VibedFactory, assert_problem, make_config
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.logger import globalLogPublisher
 
@@ -34,15 +34,6 @@ def email() -> str:
 @pytest_twisted.async_yield_fixture
 async def vibed(make_vibed: VibedFactory) -> AsyncIterator[Vibed]:
     yield await make_vibed()
-
-
-def assert_problem(resp: Any, status: int) -> dict[str, Any]:
-    assert resp.code == status, resp.content
-    assert resp.header("content-type") == "application/problem+json"
-    body: dict[str, Any] = resp.json()
-    assert body["status"] == status and body["type"].startswith("https://") and body["title"]
-    assert "Traceback" not in resp.content.decode()
-    return body
 
 
 # -- signup, /me -------------------------------------------------------------------------

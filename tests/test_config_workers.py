@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from harness import self_signed
 
 from vibed.config import OPTIONS, Config, ConfigError
 
@@ -16,36 +17,19 @@ def raw(**values: str) -> dict[str, str | None]:
     return options
 
 
-def self_signed(tmp_path: Path) -> Path:
-    """A PEM file with a throwaway key and self-signed certificate (an ssl: endpoint)."""
-    import datetime
+def self_signed_pem(tmp_path: Path) -> Path:
+    """A PEM file with the harness's throwaway key and certificate (an ssl: endpoint)."""
+    from cryptography.hazmat.primitives import serialization
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert, key = self_signed()
     path = tmp_path / "tls.pem"
     path.write_bytes(
-        key.private_bytes(
+        key.to_cryptography_key().private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        + cert.public_bytes(serialization.Encoding.PEM)
+        + cert.to_cryptography().public_bytes(serialization.Encoding.PEM)
     )
     return path
 
@@ -55,7 +39,7 @@ def test_workers_need_a_socket_they_can_share(tmp_path: Path) -> None:
     TLS endpoint); a count out of range is refused; one worker takes any endpoint."""
     assert Config.validate(raw(workers="4", port="tcp:0")).workers == 4
     assert Config.validate(raw(workers="2", port=f"unix:{tmp_path}/s")).workers == 2
-    pem = self_signed(tmp_path)
+    pem = self_signed_pem(tmp_path)
     assert Config.validate(raw(workers="1", port=f"ssl:0:privateKey={pem}")).workers == 1
     with pytest.raises(ConfigError, match="^--workers: .*tcp:"):
         Config.validate(raw(workers="2", port=f"ssl:0:privateKey={pem}"))
