@@ -23,9 +23,8 @@ from harness import (
     connect_realtime,
     fetch,
     make_config,
+    poll,
 )
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
 
 from vibed.account import list_collections
 from vibed.keys import b64decode, derive_wrap_key, did_key_from_public, unwrap_seed
@@ -38,15 +37,6 @@ NEW_PASSWORD = "a whole new passphrase"
 
 def email() -> str:
     return f"me-{uuid.uuid4().hex[:12]}@example.org"
-
-
-async def poll(check: Any, within: float = 5.0) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < within:
-        if await check():
-            return time.monotonic() - start
-        await deferLater(reactor, 0.05, lambda: None)
-    raise AssertionError(f"not within {within} s")
 
 
 async def person(vibed: Vibed, address: str | None = None, ua: str = "TestBrowser/1") -> Any:
