@@ -43,7 +43,8 @@ import json
 import re
 import re._constants as sre_c  # type: ignore[import-not-found]  # no stub; 3.11+ name
 import re._parser as sre_parse  # type: ignore[import-not-found]
-import uuid
+import secrets
+import time
 from collections.abc import Iterable
 from typing import Any, Literal, cast
 from urllib.parse import quote
@@ -128,6 +129,20 @@ def scope_allows(scopes: Iterable[str], action: Action, collection: str) -> bool
 
 
 # -- validation of names, ids, bodies ----------------------------------------------------
+
+
+def new_doc_id() -> str:
+    """A new document id: 12 hex digits of the Unix time in milliseconds, then 80 random bits.
+
+    32 lowercase hex characters, like the uuid4 ids before it, but in creation order: CouchDB
+    keeps a database's documents in a b-tree by id, and ids that arrive in order are appended
+    at the tree's right edge instead of landing on a random leaf each time (CouchDB's own
+    ``sequential`` uuids exist for the same reason). Measured with ``bench/data.py --ops
+    create``: CouchDB's CPU per create through vibed fell to that of the ordered ids the direct
+    run uses. Replicas stay roughly in order (their clocks agree to milliseconds), and within
+    one millisecond the random part keeps ids unique. The id shows when a document was
+    created, to whoever may read the document."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
 def check_collection(name: object) -> str:
@@ -955,11 +970,11 @@ class DataService:
     # -- documents -----------------------------------------------------------------------
 
     async def create(self, idn: str, collection: str, body: dict[str, Any]) -> dict[str, str]:
-        doc_id = uuid.uuid4().hex
+        doc_id = new_doc_id()
         stored = layout.to_storage(collection, doc_id, body)
         try:
             result = await self._write(idn, stored)
-        except CouchConflict:  # pragma: no cover - a uuid4 collision
+        except CouchConflict:  # pragma: no cover - 80 random bits collided within a millisecond
             raise Conflict("Try again.") from None
         return {"id": doc_id, "rev": result["rev"]}
 
