@@ -104,7 +104,7 @@ def measure(
         profile.parent.mkdir(parents=True, exist_ok=True)
         spy = subprocess.Popen(
             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(daemon_pid),
-             "--format", "raw", "--output", str(profile), "--nonblocking",
+             "--format", "raw", "--output", str(profile), "--nonblocking", "--gil",
              "--duration", str(max(1, round(args.seconds)))],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip

@@ -3,12 +3,16 @@ second; never a query string (tokens may ride in one); ``off`` writes nothing.""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest_twisted
 from harness import VibedFactory
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+
+from vibed.web import ACCESS_LOG_CHUNK, AccessLines
 
 
 @pytest_twisted.ensureDeferred
@@ -52,3 +56,52 @@ async def test_access_log_in_the_daemon_log_or_off(make_vibed: VibedFactory) -> 
     assert any('"GET /healthz HTTP/1.1" 200' in line for line in seen)
     assert not any('"GET /readyz' in line for line in seen)
     assert not any("marker" in line for line in seen)
+
+
+def test_gathered_lines_are_written_whole_and_at_most_a_pipe_buffer_at_a_time() -> None:
+    """Lines of every length reach the descriptor in order, each write holding whole lines
+    and at most 4096 bytes unless a single line is longer, so workers sharing one pipe or
+    one file never interleave inside a line. A datagram socket keeps each write apart."""
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    lines = [(f"{n} " + "x" * (n * 37 % 700)).encode() + b"\n" for n in range(300)]
+    lines.insert(150, b"y" * 6000 + b"\n")  # longer than a chunk: written alone
+    sink = AccessLines(writer.fileno(), close=False)
+    for line in lines:
+        sink.add(line)
+    sink.flush()
+    writer.close()
+    reader.setblocking(False)
+    writes = []
+    while True:
+        try:
+            writes.append(reader.recv(1 << 16))
+        except BlockingIOError:
+            break
+    assert b"".join(writes) == b"".join(lines)
+    assert len(writes) > 10
+    for data in writes:
+        assert data.endswith(b"\n")
+        assert len(data) <= ACCESS_LOG_CHUNK or data.count(b"\n") == 1
+
+
+def test_a_failing_access_log_drops_lines_and_says_so_once() -> None:
+    """Writing to a descriptor that fails (here: closed) never raises into the request that
+    logged; the daemon log says so once per run of failures."""
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        r, w = os.pipe()
+        os.close(r)  # EPIPE on write (Python ignores SIGPIPE)
+        sink = AccessLines(w, close=True)
+        for _ in range(3):
+            sink.add(b"a line\n")
+            sink.flush()
+        sink.close()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    failures = [e for e in seen if "access log: writing failed" in str(e.get("log_format"))]
+    assert len(failures) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -372,3 +373,10 @@ def test_twistd_serves_with_embedded_couchdb(tmp_path: Path, how: str) -> None:
     assert left == []
     text = log.read_text()
     assert "hunter2hunter2" not in text and token not in text
+    # The access log (the default, ``-``) is in the same output with the daemon log's prefix,
+    # gathered and written in whole lines, and flushed when the daemon stops.
+    access = [line for line in text.splitlines() if " [vibed.access#info] " in line]
+    assert any('"POST /auth/signup HTTP/1.1" 201 ' in line for line in access), text[-2000:]
+    assert any('"POST /auth/login HTTP/1.1" 200 ' in line for line in access), access
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[vibed\.access#info\] \"")
+    assert all(stamp.match(line) for line in access), access

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -213,3 +214,30 @@ def test_stopping_the_supervisor_stops_every_worker(workers: Workers) -> None:
         )
     assert _get(workers.url + "/healthz")[0] == 0
     assert "admin:admin" not in workers.log.read_text()
+
+
+def test_workers_access_lines_arrive_whole_in_the_shared_output(workers: Workers) -> None:
+    """Both workers write their access lines (the default ``--access-log -``) to the
+    supervisor's output, gathered in whole-line writes of at most PIPE_BUF bytes: every line
+    arrives whole, none is lost, and stopping flushes what was still gathered."""
+    agent = "whole-line-check-" + "x" * 300  # ~400-byte lines: many writes of several lines
+    sent = 0
+    for n in range(300):
+        request = urllib.request.Request(
+            f"{workers.url}/healthz?n={n}", headers={"Connection": "close", "User-Agent": agent}
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 200
+            sent += 1
+    workers.proc.send_signal(signal.SIGTERM)
+    workers.proc.wait(timeout=60)
+    text = workers.log.read_text()
+    ours = [line for line in text.splitlines() if "whole-line-check-" in line]
+    whole = re.compile(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[vibed\.access#info\] "
+        r'"127\.0\.0\.1" - - \[[^\]]+\] "GET /healthz HTTP/1\.1" 200 \d+ "-" '
+        rf'"{agent}"\Z'
+    )
+    assert len(ours) == sent, (len(ours), sent)
+    broken = [line for line in ours if not whole.match(line)]
+    assert not broken, broken[:3]
