@@ -113,7 +113,8 @@ OPTIONS: list[tuple[str, str | None, str]] = [
         "access-log",
         "-",
         "Access log: '-' (a line per request in the daemon's log), 'off', or a file to "
-        "append to (buffered, flushed every second: the cheapest).",
+        "append to. Lines for a file, or for a daemon log on standard output (twistd -n), "
+        "are written whole once a second.",
     ),
     (
         "workers",
