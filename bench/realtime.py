@@ -381,7 +381,7 @@ def run_case(args: argparse.Namespace, engine: Engine, sockets: int) -> dict[str
             spy = subprocess.Popen(
                 [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
                  str(daemon.pid), "--format", "raw", "--output", f"{args.profile}-{sockets}.txt",
-                 "--nonblocking", "--duration", str(max(1, round(args.seconds)))],
+                 "--nonblocking", "--gil", "--duration", str(max(1, round(args.seconds)))],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         clients0 = sum(cpu_seconds(proc.pid) for proc in workers)
