@@ -7,12 +7,13 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from harness import VibedFactory
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from vibed.web import ACCESS_LOG_CHUNK, AccessLines
+from vibed.web import ACCESS_LOG_CHUNK, AccessLines, access_line
 
 
 @pytest_twisted.ensureDeferred
@@ -105,3 +106,37 @@ def test_a_failing_access_log_drops_lines_and_says_so_once() -> None:
         globalLogPublisher.removeObserver(seen.append)
     failures = [e for e in seen if "access log: writing failed" in str(e.get("log_format"))]
     assert len(failures) == 1
+
+
+@pytest.mark.parametrize(
+    ("agent", "referer"),
+    [
+        (b"curl/8.0", None),
+        (b'quote " and back\\slash', b"https://app.example/a b"),
+        (b"tab\there and newline\nforged line", b"\xff\xfe bytes"),
+        (b"caf\xc3\xa9", b"-"),
+    ],
+)
+def test_access_line_escapes_as_twisted_does(agent: bytes, referer: bytes | None) -> None:
+    """The line is twisted.web's combined format (escaping quotes, backslashes, control and
+    non-ASCII bytes), only without the query string: a forged header cannot forge a line."""
+    from twisted.internet.address import IPv4Address
+    from twisted.web.http import combinedLogFormatter
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest([b"data", b"notes"])
+    request.method = b"GET"
+    request.uri = b"/data/notes"
+    request.clientproto = b"HTTP/1.1"
+    request.code = 200
+    request.sentLength = 17  # type: ignore[attr-defined]
+    request.client = IPv4Address("TCP", "10.1.2.3", 5555)
+    request.requestHeaders.setRawHeaders(b"user-agent", [agent])
+    if referer is not None:
+        request.requestHeaders.setRawHeaders(b"referer", [referer])
+    stamp = "[30/Nov/2026:05:45:20 +0000]"
+    line = access_line(stamp, request)
+    assert line == combinedLogFormatter(stamp, request)
+    assert "\n" not in line
+    request.uri = b"/data/notes?access_token=secret"
+    assert access_line(stamp, request) == line

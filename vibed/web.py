@@ -449,10 +449,16 @@ class VibeChannel(HTTPChannel):
             self._vibe_flush([])
         self._vibe_phase = "idle"
         super().requestDone(request)
-        # Replayed pipelined bytes may have started the next head without dataReceived.
-        if self._vibe_phase == "idle" and cast(Any, self)._buffer:
+        if self._vibe_phase != "idle":
+            return
+        if cast(Any, self)._buffer:
+            # Replayed pipelined bytes may have started the next head without dataReceived.
             self._vibe_phase = "head"
             self._arm(self._limits.header_timeout, self._head_too_slow)
+        elif self.persistent:
+            # The keep-alive wait, on the same lazily moved timer (twisted.web's own idle
+            # timeout, off for this channel, cancelled and scheduled a timer per request).
+            self._arm(self._limits.idle_timeout, self._idle_too_long)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self._vibe_due = None
@@ -460,6 +466,12 @@ class VibeChannel(HTTPChannel):
             self._vibe_timer.cancel()
         self._vibe_timer = None
         super().connectionLost(reason)
+
+    def _idle_too_long(self) -> None:
+        self._vibe_timer = None
+        if self._vibe_phase != "idle" or self.transport is None:
+            return
+        self.timeoutConnection()  # twisted.web's: log, close, abort if the close hangs
 
     def _head_too_slow(self) -> None:
         self._vibe_timer = None
@@ -513,8 +525,9 @@ class VibeSite(Site):
         limits: ConnectionLimits | None = None,
     ) -> None:
         self.limits = limits or ConnectionLimits()
-        # twisted's own idle timeout: what a keep-alive connection may wait for a request.
-        super().__init__(resource, requestFactory=VibeRequest, timeout=self.limits.idle_timeout)
+        # No twisted.web timeout: VibeChannel times every phase, the keep-alive wait
+        # (limits.idle_timeout) included, on one lazily moved timer per connection.
+        super().__init__(resource, requestFactory=VibeRequest, timeout=None)
         self.body_policies: dict[bytes, BodyPolicy] = dict(body_policies or {})
         self.displayTracebacks = False
         #: ``-``: one line per request in the daemon's log; ``off``; or a file path. Lines
@@ -639,13 +652,27 @@ def access_line(timestamp: str | None, request: Any) -> str:
     (tokens may ride in one), escaped the same way but only where a value needs it."""
     client = request.getClientAddress()
     ip = client.host if isinstance(client, (IPv4Address, IPv6Address)) else b"-"
-    referrer = request.getHeader(b"referer") or b"-"
-    agent = request.getHeader(b"user-agent") or b"-"
+    ip = ip.encode("ascii", "replace") if isinstance(ip, str) else ip
+    raw = request.requestHeaders._rawHeaders
+    referrer = raw.get(b"Referer")
+    agent = raw.get(b"User-Agent")
+    fields = (
+        ip,
+        request.method,
+        request.uri.split(b"?", 1)[0],
+        request.clientproto,
+        referrer[-1] if referrer else b"-",
+        agent[-1] if agent else b"-",
+    )
+    # The usual case, every field plain: one check over all of them (the separator is one
+    # of the plain bytes, so a field's escape cannot hide at a join).
+    if _PLAIN_LOG.match(b" ".join(fields)):
+        ip_t, method, path, proto, ref_t, agent_t = (f.decode("ascii") for f in fields)
+    else:
+        ip_t, method, path, proto, ref_t, agent_t = (_log_text(f) for f in fields)
     return (
-        f'"{_log_text(ip)}" - - {timestamp} "{_log_text(request.method)} '
-        f'{_log_text(request.uri.split(b"?", 1)[0])} {_log_text(request.clientproto)}" '
-        f'{request.code:d} {request.sentLength or "-"} "{_log_text(referrer)}" '
-        f'"{_log_text(agent)}"'
+        f'"{ip_t}" - - {timestamp} "{method} {path} {proto}" '
+        f'{request.code:d} {request.sentLength or "-"} "{ref_t}" "{agent_t}"'
     )
 
 
