@@ -26,6 +26,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from vibed.web import ALLOW_ORIGIN, EXPOSE, set_clean_header
+
 PREFIXES = (b"/data/", b"/blob/", b"/me/", b"/sdk/", b"/.well-known/")
 EXACT = (b"/data", b"/blob", b"/me", b"/realtime", b"/auth/token", b"/auth/revoke")
 # Signed URLs: their route sets its own CORS headers. The wrapped key: only the agent (an
@@ -67,7 +69,7 @@ class CORSResource:
         path = request.uri.split(b"?", 1)[0]
         if not allowed(path):
             return self.wrapped.render(request)
-        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        set_clean_header(request, ALLOW_ORIGIN, b"*")
         if request.method == b"OPTIONS" and request.getHeader(b"access-control-request-method"):
             request.setResponseCode(204)
             request.setHeader(b"Access-Control-Allow-Methods", ALLOW_METHODS)
@@ -75,5 +77,5 @@ class CORSResource:
             request.setHeader(b"Access-Control-Max-Age", MAX_AGE)
             request.setHeader(b"Content-Length", b"0")
             return b""
-        request.setHeader(b"Access-Control-Expose-Headers", EXPOSE_HEADERS)
+        set_clean_header(request, EXPOSE, EXPOSE_HEADERS)
         return self.wrapped.render(request)

@@ -71,8 +71,29 @@ def _canonical(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, b
     return tuple((name, values[0]) for name, values in probe.getAllRawHeaders())
 
 
+def set_clean_header(request: Any, name: bytes, value: bytes) -> None:
+    """``request.setHeader(name, value)`` for a ``name`` already canonical (a constant of
+    :data:`CLEAN_NAMES`) and a ``value`` known to hold no CR, LF or other control byte (a
+    constant, or digits): straight into the response's headers, without twisted's
+    per-call name canonicalization and value sanitizing."""
+    request.responseHeaders._rawHeaders[name] = [value]
+
+
 #: BASE_HEADERS and the server's name, ready to go straight into a response's headers.
 _PROCESS_HEADERS = _canonical((*BASE_HEADERS, (b"Server", b"vibed")))
+#: Header names as twisted.web's ``Headers`` stores them, for :func:`set_clean_header`.
+CONTENT_TYPE, CACHE_CONTROL, CONTENT_LENGTH, ALLOW_ORIGIN, EXPOSE = (
+    name
+    for name, _ in _canonical(
+        (
+            (b"content-type", b""),
+            (b"cache-control", b""),
+            (b"content-length", b""),
+            (b"access-control-allow-origin", b""),
+            (b"access-control-expose-headers", b""),
+        )
+    )
+)
 _S = (b"S", b"s", "S", "s")
 _date_second = -1
 _date_value = b""

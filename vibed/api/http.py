@@ -21,7 +21,13 @@ from vibed.errors import (
 )
 from vibed.revocation import RevocationsUnavailable
 from vibed.tokens import AccessClaims, InvalidToken, TokenIssuer
-from vibed.web import address_key
+from vibed.web import (
+    CACHE_CONTROL,
+    CONTENT_LENGTH,
+    CONTENT_TYPE,
+    address_key,
+    set_clean_header,
+)
 
 AUTH_BODY_LIMIT = 64 * 1024
 
@@ -77,11 +83,11 @@ def require_str(body: dict[str, Any], name: str, max_len: int = 4096) -> str:
 
 def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
     request.setResponseCode(status)
-    request.setHeader(b"Content-Type", b"application/json")
-    request.setHeader(b"Cache-Control", b"no-store")
+    set_clean_header(request, CONTENT_TYPE, b"application/json")
+    set_clean_header(request, CACHE_CONTROL, b"no-store")
     encoded = json.dumps(body).encode("utf-8")
     # Known up front: the answer goes out in one piece, not chunked.
-    request.setHeader(b"Content-Length", b"%d" % len(encoded))
+    set_clean_header(request, CONTENT_LENGTH, b"%d" % len(encoded))
     return encoded
 
 
