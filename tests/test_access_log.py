@@ -140,3 +140,58 @@ def test_access_line_escapes_as_twisted_does(agent: bytes, referer: bytes | None
     assert "\n" not in line
     request.uri = b"/data/notes?access_token=secret"
     assert access_line(stamp, request) == line
+
+
+def test_a_huge_head_gives_an_access_line_that_fits_one_write() -> None:
+    """A client's 16 KiB path, Referer and User-Agent (escaped: up to four times longer)
+    give a line that, with the daemon log's prefix, stays within one ACCESS_LOG_CHUNK
+    write: another worker's write can never split it. An empty header logs "-"."""
+    from twisted.internet.address import IPv4Address
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest([b"data"])
+    request.method = b"GET"
+    request.uri = b"/data/" + b"a" * 16000 + b"?q=1"
+    request.clientproto = b"HTTP/1.1"
+    request.code = 404
+    request.sentLength = 0  # type: ignore[attr-defined]
+    request.client = IPv4Address("TCP", "10.1.2.3", 5555)
+    request.requestHeaders.setRawHeaders(b"referer", [b"\xff" * 16000])
+    request.requestHeaders.setRawHeaders(b"user-agent", [b"b" * 16000])
+    line = access_line("[30/Nov/2026:05:45:20 +0000]", request)
+    prefix = "2026-11-30T05:45:20+0000 [vibed.access#info] "
+    assert len((prefix + line + "\n").encode()) <= ACCESS_LOG_CHUNK
+    assert '"GET /data/aaa' in line and 'aaa... HTTP/1.1" 404 ' in line and line.endswith('bbb..."')
+    request.uri = b"/data/notes"
+    request.requestHeaders.setRawHeaders(b"referer", [b""])
+    request.requestHeaders.setRawHeaders(b"user-agent", [b""])
+    assert access_line("[t]", request).endswith(' "-" "-"')
+
+
+def test_a_line_cut_by_a_failed_write_is_not_glued_to_the_next() -> None:
+    """A write that fails after part of the lines went out (a full disk) leaves a cut line;
+    the next successful write starts on a new line."""
+    written: list[bytes] = []
+    calls = {"n": 0}
+
+    def fake_write(fd: int, data: bytes) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            written.append(data[:5])
+            return 5
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        written.append(bytes(data))
+        return len(data)
+
+    sink = AccessLines(99, close=False)
+    real_write = os.write
+    os.write = fake_write  # type: ignore[assignment]
+    try:
+        sink.add(b"first line\n")
+        sink.flush()
+        sink.add(b"second line\n")
+        sink.flush()
+    finally:
+        os.write = real_write
+    assert b"".join(written) == b"first\nsecond line\n"

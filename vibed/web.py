@@ -618,6 +618,7 @@ class AccessLines:
         self._pending: list[bytes] = []
         self._size = 0
         self._failing = False
+        self._cut = False  # a failed write left part of a line: start the next on a new line
 
     def add(self, line: bytes) -> None:
         if self._size + len(line) > ACCESS_LOG_CHUNK:
@@ -630,15 +631,19 @@ class AccessLines:
             return
         data = b"".join(self._pending)
         self._pending, self._size = [], 0
+        if self._cut:
+            data = b"\n" + data
+        whole = len(data)
         try:
             while data:
                 data = data[os.write(self.fd, data) :]
         except OSError as e:
+            self._cut = self._cut or 0 < whole - len(data)
             if not self._failing:
                 _log.error("access log: writing failed ({error}); lines dropped", error=e)
             self._failing = True
         else:
-            self._failing = False
+            self._failing = self._cut = False
 
     def close(self) -> None:
         self.flush()
@@ -682,19 +687,35 @@ def access_line(timestamp: str | None, request: Any) -> str:
         request.method,
         request.uri.split(b"?", 1)[0],
         request.clientproto,
-        referrer[-1] if referrer else b"-",
-        agent[-1] if agent else b"-",
+        (referrer[-1] if referrer else b"") or b"-",
+        (agent[-1] if agent else b"") or b"-",
     )
     # The usual case, every field plain: one check over all of them (the separator is one
     # of the plain bytes, so a field's escape cannot hide at a join).
-    if _PLAIN_LOG.match(b" ".join(fields)):
+    if _PLAIN_LOG.match(b" ".join(fields)) and sum(map(len, fields)) <= _FIELDS_PLAIN_MAX:
         ip_t, method, path, proto, ref_t, agent_t = (f.decode("ascii") for f in fields)
     else:
-        ip_t, method, path, proto, ref_t, agent_t = (_log_text(f) for f in fields)
+        ip_t, method, path, proto, ref_t, agent_t = (
+            _capped(_log_text(f), cap) for f, cap in zip(fields, _FIELD_CAPS, strict=True)
+        )
     return (
         f'"{ip_t}" - - {timestamp} "{method} {path} {proto}" '
         f'{request.code:d} {request.sentLength or "-"} "{ref_t}" "{agent_t}"'
     )
+
+
+#: Characters each escaped field of an access line keeps (ip, method, path, protocol,
+#: referrer, user agent); a longer one is cut and ends with "...". A whole line, with the
+#: daemon log's prefix, then stays under ACCESS_LOG_CHUNK, so it is written in one piece
+#: that no other worker's write can split (a client may send 16 KiB heads).
+_FIELD_CAPS = (64, 32, 1024, 32, 1024, 1024)
+#: Plain fields this long in all are kept whole: the line still fits in one chunk (as it
+#: does when cut, the caps adding up to 3,200).
+_FIELDS_PLAIN_MAX = 3000
+
+
+def _capped(text: str, cap: int) -> str:
+    return text if len(text) <= cap else text[: cap - 3] + "..."
 
 
 class _Counted(ProtocolWrapper):
