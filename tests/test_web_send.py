@@ -106,6 +106,8 @@ async def test_pipelined_document_requests_get_whole_answers_in_order(
     for _, head, _ in got:
         assert b"X-Content-Type-Options: nosniff" in head
         assert b"Access-Control-Allow-Origin: *" in head
+        # Problems too say their length up front (no chunked framing for a known body).
+        assert b"\r\nContent-Length: " in head and b"chunked" not in head.lower(), head
     client.transport.loseConnection()
 
 

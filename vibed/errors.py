@@ -113,7 +113,11 @@ def write_problem(request: IRequest, problem: Problem) -> bytes:
     request.setHeader(b"Cache-Control", b"no-store")
     for name, value in problem.headers.items():
         request.setHeader(name.encode("ascii"), value.encode("ascii"))
-    return json.dumps(problem.body()).encode("utf-8")
+    body = json.dumps(problem.body()).encode("utf-8")
+    # Every caller answers with exactly this body: its length goes first, so the answer is
+    # not sent chunked.
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    return body
 
 
 def answer_unexpected(request: IRequest, failure: Failure) -> bytes | None:
