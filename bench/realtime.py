@@ -13,7 +13,9 @@ processes (so the clients do not starve the daemon of the reactor they would sha
 ``--rate`` writes per second (``PUT /data/notes/<id>``, identities in turn) for ``--seconds``.
 Printed per case: write acknowledgement latency (p50/p99), latency from the write's
 acknowledgement (the 201) to the change's arrival on each subscribed socket (p50/p99/max),
-events lost and repeated (both must be 0), the daemon's RSS before and after the sockets
+events lost and repeated (both must be 0), as a baseline the latency from the write's
+sending to its row on CouchDB's own continuous ``_changes`` feed read straight (what any
+realtime layer over CouchDB starts from), the daemon's RSS before and after the sockets
 connected (and per socket), and the CPU vibed and CouchDB spent per write.
 ``--sockets 1000 --identities 1`` is the one-busy-identity case; ``--idle`` only connects
 and authenticates the sockets (no subscription, no writes) and reports memory.
@@ -286,6 +288,75 @@ def worker_main() -> None:
                 on_readable(client)
 
 
+# -- the baseline: CouchDB's own continuous feed, read straight ------------------------------
+
+
+def feed_main() -> None:
+    """Follow CouchDB's continuous ``_changes`` (``include_docs``, as vibed's shared feed does)
+    of each database in the job, one connection each, straight to the engine; print ``ready``
+    once every feed answered, and on ``stop`` the time each document's first row arrived."""
+    import http.client
+    import threading
+    from urllib.parse import unquote, urlsplit
+
+    job = json.loads(sys.stdin.readline())
+    url = urlsplit(job["url"])
+    auth = f"{unquote(url.username or '')}:{unquote(url.password or '')}".encode()
+    headers = {"Authorization": "Basic " + base64.b64encode(auth).decode()}
+    seen: dict[str, float] = {}
+    answered = threading.Semaphore(0)
+
+    def follow(db: str) -> None:
+        conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 5984)
+        conn.request(
+            "GET",
+            f"/{db}/_changes?feed=continuous&since=now&include_docs=true&heartbeat=5000",
+            headers=headers,
+        )
+        resp = conn.getresponse()
+        answered.release()
+        for line in resp:
+            if line.strip():
+                doc_id = str(json.loads(line).get("id", ""))
+                seen.setdefault(doc_id.split(":", 1)[-1], time.time())
+
+    for db in job["dbs"]:
+        threading.Thread(target=follow, args=(db,), daemon=True).start()
+    for _ in job["dbs"]:
+        answered.acquire()
+    print("ready", flush=True)
+    sys.stdin.readline()  # "stop"
+    print(json.dumps(dict(seen)), flush=True)
+    os._exit(0)
+
+
+def start_feed(args: argparse.Namespace, engine: Engine, idns: list[str]) -> subprocess.Popen[str]:
+    from vibed.naming import identity_db
+
+    proc = subprocess.Popen(
+        [*_away_from_vibed(args), sys.executable, os.path.abspath(__file__), "--feed"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    dbs = sorted({identity_db(idn, "data") for idn in idns})
+    proc.stdin.write(json.dumps({"url": engine.url, "dbs": dbs}) + "\n")
+    proc.stdin.flush()
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError("the direct feed did not start")
+    return proc
+
+
+def stop_feed(proc: subprocess.Popen[str]) -> dict[str, float]:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write("stop\n")
+    proc.stdin.flush()
+    seen: dict[str, float] = json.loads(proc.stdout.readline())
+    proc.wait(timeout=30)
+    return seen
+
+
 # -- orchestrator --------------------------------------------------------------------------
 
 
@@ -384,12 +455,16 @@ def run_case(args: argparse.Namespace, engine: Engine, sockets: int) -> dict[str
                  "--nonblocking", "--gil", "--duration", str(max(1, round(args.seconds)))],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-        clients0 = sum(cpu_seconds(proc.pid) for proc in workers)
+        feed = start_feed(args, engine, [idn for idn, _ in identities])
+        workers.append(feed)  # killed with the clients if anything fails
+        clients0 = sum(cpu_seconds(proc.pid) for proc in workers if proc is not feed)
         cpu0, couch0, wall0 = cpu_seconds(daemon.pid), cpu_seconds(engine.pid), time.monotonic()
         writes = _writes(
             daemon.url, identities, doc_ids, rate=args.rate, prefix=_away_from_vibed(args)
         )
         time.sleep(args.drain)
+        workers.remove(feed)
+        direct_seen = stop_feed(feed)
         if spy is not None:
             spy.wait()
         cpu_s, wall_s = cpu_seconds(daemon.pid) - cpu0, time.monotonic() - wall0
@@ -423,6 +498,7 @@ def run_case(args: argparse.Namespace, engine: Engine, sockets: int) -> dict[str
             writes,
             arrivals,
             problems,
+            direct_seen,
             rss_before=rss_before,
             rss_after=rss_after,
             cpu_s=cpu_s,
@@ -572,6 +648,7 @@ def _figures(
     writes: dict[str, Any],
     arrivals: dict[str, list[tuple[int, float]]],
     problems: list[str],
+    direct_seen: dict[str, float],
     **extra: float,
 ) -> dict[str, Any]:
     subscribers: dict[int, list[int]] = {}
@@ -592,6 +669,12 @@ def _figures(
             got = by_socket.get(number, 0)
             lost += got == 0
             repeated += max(0, got - 1)
+    # The baseline: the same writes' rows on CouchDB's own continuous feed, read straight.
+    direct = [
+        direct_seen[doc_id] - sent
+        for doc_id, (_idx, _acked, sent) in writes["acks"].items()
+        if doc_id in direct_seen
+    ]
     stray = sum(
         1
         for doc_id, hits in arrivals.items()
@@ -616,6 +699,9 @@ def _figures(
         "max_ms": max(latencies, default=float("nan")) * 1000,
         "sent_p50_ms": percentile(from_send, 50) * 1000,
         "sent_p99_ms": percentile(from_send, 99) * 1000,
+        "direct_p50_ms": percentile(direct, 50) * 1000,
+        "direct_p99_ms": percentile(direct, 99) * 1000,
+        "direct_missing": len(writes["acks"]) - len(direct),
         "problems": problems[:5],
         **extra,
     }
@@ -702,7 +788,9 @@ def main() -> None:
         print(
             f"  {r['sockets']} sockets: expected {r['expected']} deliveries; "
             f"write ack p50 {r['write_p50_ms']:.1f} ms; from the write's sending to the "
-            f"event p50 {r['sent_p50_ms']:.1f} ms, p99 {r['sent_p99_ms']:.1f} ms; "
+            f"event p50 {r['sent_p50_ms']:.1f} ms, p99 {r['sent_p99_ms']:.1f} ms (the same rows "
+            f"on CouchDB's own continuous feed, read straight: p50 {r['direct_p50_ms']:.1f} ms, "
+            f"p99 {r['direct_p99_ms']:.1f} ms, {r['direct_missing']:.0f} missing); "
             f"signups {r['signup_s']:.1f} s; CPU during the writes: vibed "
             f"{100 * r['cpu_s'] / r['wall_s']:.0f} %, "
             f"CouchDB {100 * r['couch_s'] / r['wall_s']:.0f} %, "
@@ -719,5 +807,7 @@ if __name__ == "__main__":
         worker_main()
     elif "--writer" in sys.argv:
         writer_main()
+    elif "--feed" in sys.argv:
+        feed_main()
     else:
         main()
