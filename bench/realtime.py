@@ -301,10 +301,13 @@ def feed_main() -> None:
 
     job = json.loads(sys.stdin.readline())
     url = urlsplit(job["url"])
-    auth = f"{unquote(url.username or '')}:{unquote(url.password or '')}".encode()
-    headers = {"Authorization": "Basic " + base64.b64encode(auth).decode()}
+    headers = {}
+    if url.username is not None:  # an engine with admins (Apache CouchDB, a URL's)
+        auth = f"{unquote(url.username)}:{unquote(url.password or '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(auth).decode()
     seen: dict[str, float] = {}
     answered = threading.Semaphore(0)
+    refused: list[str] = []
 
     def follow(db: str) -> None:
         conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 5984)
@@ -314,6 +317,8 @@ def feed_main() -> None:
             headers=headers,
         )
         resp = conn.getresponse()
+        if resp.status != 200:
+            refused.append(f"{db}: HTTP {resp.status} {resp.read(200)!r}")
         answered.release()
         for line in resp:
             if line.strip():
@@ -324,7 +329,7 @@ def feed_main() -> None:
         threading.Thread(target=follow, args=(db,), daemon=True).start()
     for _ in job["dbs"]:
         answered.acquire()
-    print("ready", flush=True)
+    print(f"refused: {refused}" if refused else "ready", flush=True)
     sys.stdin.readline()  # "stop"
     print(json.dumps(dict(seen)), flush=True)
     os._exit(0)
@@ -343,8 +348,9 @@ def start_feed(args: argparse.Namespace, engine: Engine, idns: list[str]) -> sub
     dbs = sorted({identity_db(idn, "data") for idn in idns})
     proc.stdin.write(json.dumps({"url": engine.url, "dbs": dbs}) + "\n")
     proc.stdin.flush()
-    if proc.stdout.readline().strip() != "ready":
-        raise RuntimeError("the direct feed did not start")
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        raise RuntimeError(f"the direct feed did not start: {line}")
     return proc
 
 
