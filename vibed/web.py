@@ -72,10 +72,11 @@ def _canonical(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, b
 
 
 def set_clean_header(request: Any, name: bytes, value: bytes) -> None:
-    """``request.setHeader(name, value)`` for a ``name`` already canonical (a constant of
-    :data:`CLEAN_NAMES`) and a ``value`` known to hold no CR, LF or other control byte (a
-    constant, or digits): straight into the response's headers, without twisted's
-    per-call name canonicalization and value sanitizing."""
+    """``request.setHeader(name, value)`` for a ``name`` already canonical (one of the
+    constants below: CONTENT_TYPE, CACHE_CONTROL, CONTENT_LENGTH, ALLOW_ORIGIN, EXPOSE) and a
+    ``value`` known to hold no CR, LF or other control byte (a constant, or digits): straight
+    into the response's headers, without twisted's per-call name canonicalization and value
+    sanitizing. Never for a value that came from a request or from CouchDB."""
     request.responseHeaders._rawHeaders[name] = [value]
 
 
