@@ -400,6 +400,7 @@ def run_case(args: argparse.Namespace, engine: Engine, sockets: int) -> dict[str
         pin(daemon.pid, "0")
     renice(daemon.pid, args.nice)
     workers: list[subprocess.Popen[str]] = []
+    feed: subprocess.Popen[str] | None = None
     try:
         t0 = time.monotonic()
         identities = signup_all(daemon.url, args.identities)
@@ -462,14 +463,12 @@ def run_case(args: argparse.Namespace, engine: Engine, sockets: int) -> dict[str
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         feed = start_feed(args, engine, [idn for idn, _ in identities])
-        workers.append(feed)  # killed with the clients if anything fails
-        clients0 = sum(cpu_seconds(proc.pid) for proc in workers if proc is not feed)
+        clients0 = sum(cpu_seconds(proc.pid) for proc in workers)
         cpu0, couch0, wall0 = cpu_seconds(daemon.pid), cpu_seconds(engine.pid), time.monotonic()
         writes = _writes(
             daemon.url, identities, doc_ids, rate=args.rate, prefix=_away_from_vibed(args)
         )
         time.sleep(args.drain)
-        workers.remove(feed)
         direct_seen = stop_feed(feed)
         if spy is not None:
             spy.wait()
@@ -516,7 +515,7 @@ def run_case(args: argparse.Namespace, engine: Engine, sockets: int) -> dict[str
             couch_connections=connections,
         )
     finally:
-        for proc in workers:
+        for proc in [*workers, *([feed] if feed is not None else [])]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()

@@ -168,7 +168,9 @@ def test_a_huge_head_gives_an_access_line_that_fits_one_write() -> None:
     assert access_line("[t]", request).endswith(' "-" "-"')
 
 
-def test_a_line_cut_by_a_failed_write_is_not_glued_to_the_next() -> None:
+def test_a_line_cut_by_a_failed_write_is_not_glued_to_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A write that fails after part of the lines went out (a full disk) leaves a cut line;
     the next successful write starts on a new line."""
     written: list[bytes] = []
@@ -185,13 +187,9 @@ def test_a_line_cut_by_a_failed_write_is_not_glued_to_the_next() -> None:
         return len(data)
 
     sink = AccessLines(99, close=False)
-    real_write = os.write
-    os.write = fake_write  # type: ignore[assignment]
-    try:
-        sink.add(b"first line\n")
-        sink.flush()
-        sink.add(b"second line\n")
-        sink.flush()
-    finally:
-        os.write = real_write
+    monkeypatch.setattr(os, "write", fake_write)
+    sink.add(b"first line\n")
+    sink.flush()
+    sink.add(b"second line\n")
+    sink.flush()
     assert b"".join(written) == b"first\nsecond line\n"
