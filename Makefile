@@ -114,11 +114,17 @@ VERSION      := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 image:
 	@tests_infra/host-tools.sh
 	$(PODMAN_ENV) infra/podman/base-image.sh
+	@# The labels are passed as --label too: buildah 1.28 keys its layer cache on the LABEL
+	@# line as written, not on the build-args in it, so a rebuild with every layer cached
+	@# would keep the previous build's revision and date.
+	revision=$$(git rev-parse HEAD 2>/dev/null || echo unknown); \
+	created=$$(date -u +%Y-%m-%dT%H:%M:%SZ); \
 	$(PODMAN_ENV) podman build --isolation chroot --network host --format docker --pull=never \
 	    $(if $(wildcard $(CA_BUNDLE)),--secret id=ca-bundle$(comma)src=$(CA_BUNDLE)) \
-	    --build-arg VERSION=$(VERSION) \
-	    --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
-	    --build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+	    --build-arg VERSION=$(VERSION) --build-arg REVISION=$$revision --build-arg CREATED=$$created \
+	    --label org.opencontainers.image.version=$(VERSION) \
+	    --label org.opencontainers.image.revision=$$revision \
+	    --label org.opencontainers.image.created=$$created \
 	    -t $(IMAGE) .
 	@$(PODMAN_ENV) podman image inspect $(IMAGE) --format 'make image: $(IMAGE) {{.Size}} bytes'
 	@# Each rebuild leaves the previous layers behind: drop those unused for three days.
