@@ -32,8 +32,9 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import FileLogObserver, Logger, formatTime, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, _escape, datetimeToString, unquote
-from twisted.web.http_headers import Headers
+from twisted.web.http import HTTPChannel, _escape, _parseRequestLine, datetimeToString, unquote
+from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
+from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import IResource, _IEncodingResource
 from twisted.web.server import Request, Site
 
@@ -323,6 +324,10 @@ def _simple_response(transport: Any, status: bytes, detail: str, slug: str) -> N
     transport.loseConnection()
 
 
+#: Headers the one-pass parse leaves to twisted.web's parser.
+_WHOLE_REQUEST_ODD = frozenset((b"Transfer-Encoding", b"Expect"))
+
+
 class VibeChannel(HTTPChannel):
     """An HTTPChannel that closes connections which do not make progress (module docstring)."""
 
@@ -450,7 +455,91 @@ class VibeChannel(HTTPChannel):
             self._arm(self._limits.header_timeout, self._head_too_slow)
         elif self._vibe_phase == "body":
             self._vibe_body_bytes += len(data)
+        if (
+            self._vibe_phase == "head"
+            and self.line_mode
+            and not self._buffer
+            and not self._busyReceiving
+            and not self.paused
+            and not self.requests
+            and self.persistent
+            and self._HTTPChannel__first_line == 1
+            and not cast(Any, self)._HTTPChannel__header
+            and not self._receivedHeaderSize
+            and self._whole_request(data)
+        ):
+            return
         super().dataReceived(data)
+
+    def _whole_request(self, data: bytes) -> bool:
+        """Take ``data`` as one whole request in one piece, the usual case on a keep-alive
+        connection (a request head, then exactly its Content-Length of body, nothing after):
+        the head is parsed in one pass instead of a LineReceiver call, a ``lineReceived`` and
+        a ``headerReceived`` per line. Return False, having changed nothing, for anything
+        else or anything unusual (a folded or malformed line, a bare CR or LF, NUL, too many
+        or too long headers, Transfer-Encoding, Expect, a second Content-Length, a body that
+        is not all here, pipelined bytes): twisted.web's own parser then takes the same bytes
+        and gives its usual answer, so every check it makes still decides those."""
+        end = data.find(b"\r\n\r\n")
+        if end <= 0:
+            return False
+        head = data[:end]
+        bare = head.replace(b"\r\n", b"")
+        if b"\r" in bare or b"\n" in bare or b"\x00" in bare:
+            return False
+        lines = head.split(b"\r\n")
+        if len(lines) - 1 > self.maxHeaders or len(bare) > self.totalHeadersSize:
+            return False
+        if max(map(len, lines)) > self.MAX_LENGTH:
+            return False
+        try:
+            command, path, version = _parseRequestLine(lines[0])
+        except ValueError:
+            return False
+        headers: dict[bytes, list[bytes]] = {}
+        length = 0
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name[0] in b" \t":
+                return False
+            try:
+                name = _nameEncoder.encode(name)
+            except InvalidHeaderName:
+                return False
+            value = value.strip(b" \t")
+            if name in _WHOLE_REQUEST_ODD:
+                return False
+            if name == b"Content-Length":
+                if b"Content-Length" in headers or not value.isdigit():
+                    return False
+                length = int(value)
+            headers.setdefault(name, []).append(value)
+        body = data[end + 4 :]
+        if len(body) != length:
+            return False
+        # From here on, what lineReceived, headerReceived and the identity decoder do.
+        self.resetTimeout()
+        factory = self.requestFactory
+        if INonQueuedRequestFactory.providedBy(factory):
+            request = factory(self)
+        else:
+            request = factory(self, 0)
+        self.requests.append(request)
+        self._HTTPChannel__first_line = 0
+        self._command, self._path, self._version = command, path, version
+        request.requestHeaders._rawHeaders.update(headers)
+        self.length = length
+        self._transferDecoder = None
+        self.allHeadersReceived()
+        transport: Any = self.transport
+        if length:
+            if transport is None or transport.disconnecting:
+                return True  # refused at its length (413), the connection closing
+            request.handleContentChunk(body)
+        if transport is None or transport.disconnecting:
+            return True
+        self.allContentReceived()
+        return True
 
     def allHeadersReceived(self) -> None:  # noqa: N802
         self._disarm()

@@ -1,0 +1,196 @@
+"""VibeChannel's one-pass parse of a request that arrives whole (``_whole_request``) against
+twisted.web's own line-by-line parser, on the same bytes.
+
+Each request below is sent to one connection in a single ``dataReceived`` (the one-pass parse
+when it takes it) and to another one byte at a time (twisted.web's parser always: the head is
+never whole in one call). Both must produce the same request (method, URI, version, headers,
+body) and the same bytes on the wire, down to the 400s and 413s of malformed or hostile input
+and whether the connection is closed. The one-pass parse must also actually take the common
+requests, or this test would compare twisted.web with itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.web.resource import Resource
+
+from vibed.web import VibeChannel, VibeSite
+
+
+class Echo(Resource):
+    """Answers with what the request was, as the channel built it."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        headers = sorted(
+            (name.decode("latin-1"), [v.decode("latin-1") for v in values])
+            for name, values in request.requestHeaders.getAllRawHeaders()
+        )
+        return json.dumps(
+            {
+                "method": request.method.decode("latin-1"),
+                "uri": request.uri.decode("latin-1"),
+                "version": request.clientproto.decode("latin-1"),
+                "headers": headers,
+                "body": request.content.read().decode("latin-1"),
+            }
+        ).encode()
+
+
+def connect() -> tuple[Any, StringTransport]:
+    clock = Clock()
+    site = VibeSite(Echo(), access_log="off")
+    site.reactor = clock  # type: ignore[assignment]
+    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+    channel.callLater = clock.callLater
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+_DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")
+
+
+def wire(transport: StringTransport) -> bytes:
+    return _DATE.sub(b"\r\nDate: -\r\n", transport.value())
+
+
+def whole(data: bytes) -> tuple[bytes, bool, int]:
+    """The answer to ``data`` sent in one piece, whether the connection is closing, and how
+    many requests the one-pass parse took."""
+    channel, transport = connect()
+    taken = 0
+    original = channel._whole_request
+
+    def counting(chunk: bytes) -> bool:
+        nonlocal taken
+        result = bool(original(chunk))
+        taken += result
+        return result
+
+    channel._whole_request = counting
+    channel.dataReceived(data)
+    return wire(transport), transport.disconnecting, taken
+
+
+def trickled(data: bytes) -> tuple[bytes, bool]:
+    """The answer to ``data`` sent one byte at a time: twisted.web's parser, line by line."""
+    channel, transport = connect()
+    for i in range(len(data)):
+        if transport.disconnecting:
+            break
+        channel.dataReceived(data[i : i + 1])
+    return wire(transport), transport.disconnecting
+
+
+TAKEN = {
+    "get": b"GET /data/notes/abc HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\r\n",
+    "odd case, repeats, spaces, empty": (
+        b"GET /a?b=c HTTP/1.1\r\nhOsT: x\r\nX-A: one\r\nx-a: two\r\nX-Sp: \t a b \t\r\n"
+        b"X-Empty:\r\nAccept: */*\r\n\r\n"
+    ),
+    "post": (
+        b"POST /data/notes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 13\r\n\r\n{"title": 1}\n'
+    ),
+    "content-length padded": b"PUT /p HTTP/1.1\r\nHost: x\r\nContent-Length:  2 \r\n\r\nok",
+    "http/1.0": b"GET /a HTTP/1.0\r\nHost: x\r\n\r\n",
+    "connection close": b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    "latin-1 value": b"GET /a HTTP/1.1\r\nHost: x\r\nX-L: caf\xe9\r\n\r\n",
+}
+
+LEFT_TO_TWISTED = {
+    "two content-lengths": (
+        b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc"
+    ),
+    "signed content-length": b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: +2\r\n\r\nab",
+    "chunked": (
+        b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n"
+    ),
+    "chunked and a length": (
+        b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\n2\r\nab\r\n0\r\n\r\n"
+    ),
+    "folded header": b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: one\r\n two\r\n\r\n",
+    "space before the colon": b"GET /a HTTP/1.1\r\nHost : x\r\n\r\n",
+    "no colon": b"GET /a HTTP/1.1\r\nHost x\r\n\r\n",
+    "bare LF in a value": b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\nb\r\n\r\n",
+    "bare CR in a value": b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+    "NUL in a value": b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "bad version": b"GET /a HTTP/2.0\r\nHost: x\r\n\r\n",
+    "double space": b"GET  /a HTTP/1.1\r\nHost: x\r\n\r\n",
+    "leading empty line": b"\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n",
+    "too many headers": b"GET /a HTTP/1.1\r\n" + b"X-A: 1\r\n" * 501 + b"\r\n",
+    "header line too long": b"GET /a HTTP/1.1\r\nX-A: " + b"a" * 17000 + b"\r\n\r\n",
+    "head too large": b"GET /a HTTP/1.1\r\n" + (b"X-A: " + b"a" * 4000 + b"\r\n") * 5 + b"\r\n",
+    "expect continue": (
+        b"POST /p HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nab"
+    ),
+    "body too large": b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\nab",
+    "body longer than its length": b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nab",
+    "pipelined": b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n",
+    "smuggled after a GET": (
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\n\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TAKEN))
+def test_the_one_pass_parse_builds_the_request_twisted_builds(name: str) -> None:
+    """A common request, whole in one piece, is taken by the one-pass parse and answered
+    byte for byte as twisted.web's parser answers it."""
+    data = TAKEN[name]
+    answer, closing, taken = whole(data)
+    assert taken == 1, "the one-pass parse did not take a common request"
+    assert re.match(rb"HTTP/1\.[01] 200 ", answer), answer[:300]
+    assert (answer, closing) == trickled(data)
+
+
+@pytest.mark.parametrize("name", sorted(LEFT_TO_TWISTED))
+def test_anything_unusual_gets_twisteds_own_answer(name: str) -> None:
+    """Malformed, hostile or merely unusual input is left to twisted.web's parser: the same
+    answer (400, 413, the request as twisted reads it) and the same closing."""
+    data = LEFT_TO_TWISTED[name]
+    answer, closing, taken = whole(data)
+    assert taken == 0
+    assert (answer, closing) == trickled(data)
+
+
+def test_a_body_still_on_its_way_is_read_as_before() -> None:
+    """A head whose body has not all arrived is left to twisted.web; the rest then arrives
+    and the request is answered with the whole body."""
+    channel, transport = connect()
+    channel.dataReceived(b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nab")
+    assert transport.value() == b""
+    channel.dataReceived(b"cde")
+    assert json.loads(transport.value().split(b"\r\n\r\n", 1)[1])["body"] == "abcde"
+
+
+def test_keep_alive_requests_one_after_another_are_all_taken() -> None:
+    """On a keep-alive connection every whole request is taken in turn, and each answer is
+    its own."""
+    channel, transport = connect()
+    taken = 0
+    original = channel._whole_request
+
+    def counting(chunk: bytes) -> bool:
+        nonlocal taken
+        result = bool(original(chunk))
+        taken += result
+        return result
+
+    channel._whole_request = counting
+    for i in range(5):
+        transport.clear()
+        channel.dataReceived(b"GET /n/%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+        assert json.loads(transport.value().split(b"\r\n\r\n", 1)[1])["uri"] == f"/n/{i}"
+    assert taken == 5
+    assert isinstance(channel, VibeChannel) and not transport.disconnecting
