@@ -15,6 +15,7 @@ def makeService(options: Any) -> IService:
     """Validate the options (one clear line on error, no traceback) and build the tree."""
     from twisted.internet import reactor
 
+    from vibed import poll
     from vibed.service import makeService as make
     from vibed.service import settle_memory
 
@@ -24,4 +25,5 @@ def makeService(options: Any) -> IService:
     except ConfigError as e:
         raise SystemExit(f"vibed: {e}") from None
     settle_memory(reactor)
+    poll.install(reactor)
     return service

@@ -220,6 +220,7 @@ def main() -> None:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    from vibed import poll
     from vibed.config import Config, ConfigError
     from vibed.service import makeService, settle_memory
 
@@ -233,6 +234,7 @@ def main() -> None:
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     settle_memory(reactor)
+    poll.install(reactor)
     reactor.run()
 
 

@@ -1,0 +1,113 @@
+"""vibed.poll: the daemon's leaner epoll loop behaves as twisted's own.
+
+The same conversation runs on two fresh (never installed) epoll reactors, one with
+twisted's ``doPoll`` and one with vibed's: a server protocol logs with the legacy
+``log.msg`` (which takes its ``system`` from the log context the loop sets up), echoes, then
+raises in ``dataReceived``. Both loops must log the same events under the same ``system``
+(the connection's log prefix), drop the connection that raised, and go on serving the next
+one.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import pytest
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import globalLogPublisher
+from twisted.python import log
+
+from vibed import poll
+
+epollreactor = pytest.importorskip("twisted.internet.epollreactor")
+
+
+class Touchy(Protocol):
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
+        log.msg(f"got {data!r}")
+        if data.startswith(b"boom"):
+            raise RuntimeError("boom in dataReceived")
+        assert self.transport is not None
+        self.transport.write(b"echo " + data)
+
+
+def converse(reactor: Any) -> tuple[list[tuple[str, str]], list[bytes]]:
+    """Two clients, one well behaved, one making the protocol raise; what the legacy log
+    saw (system, text) and what each client read."""
+    events: list[tuple[str, str]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "system" in event and event.get("log_namespace") == "log_legacy":
+            text = " ".join(str(m) for m in event.get("message", ())) or str(
+                event.get("why") or event.get("failure", "")
+            )
+            events.append((event["system"], text.split("\n")[0]))
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Touchy), interface="127.0.0.1")
+    address = ("127.0.0.1", port.getHost().port)
+    answers: list[bytes] = []
+    globalLogPublisher.addObserver(observe)
+    try:
+        for message in (b"boom", b"hello"):
+            client = socket.create_connection(address, timeout=5)
+            client.setblocking(False)
+            deadline = time.monotonic() + 5
+            got = b""
+            while not got.endswith(b"CLOSED") and time.monotonic() < deadline:
+                reactor.iterate(0.01)
+                if message is not None:
+                    client.sendall(message)
+                    message = None
+                try:
+                    chunk = client.recv(100)
+                    got += chunk if chunk else b"CLOSED"
+                except BlockingIOError:
+                    if got.startswith(b"echo"):
+                        client.close()
+                        break
+            answers.append(got)
+            if not got.endswith(b"CLOSED"):
+                client.close()
+            for _ in range(5):
+                reactor.iterate(0.01)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        port.stopListening()
+        for _ in range(5):
+            reactor.iterate(0.01)
+    return events, answers
+
+
+def test_the_lean_loop_logs_and_recovers_as_twisteds_own() -> None:
+    """The same events under the same system (the connection's prefix, never "-"), the
+    raising connection closed, the next one echoed, on both loops."""
+    stock = epollreactor.EPollReactor()
+    lean = epollreactor.EPollReactor()
+    assert poll.install(lean)
+    assert lean.doIteration.__func__ is poll._do_poll
+    stock_events, stock_answers = converse(stock)
+    lean_events, lean_answers = converse(lean)
+
+    def normalized(events: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        # The prefix names the connection's number, which differs between the two runs.
+        return [(system.rsplit(",", 2)[0], text) for system, text in events]
+
+    assert lean_answers == stock_answers == [b"CLOSED", b"echo hello"]
+    assert normalized(lean_events) == normalized(stock_events)
+    systems = {system for system, _ in lean_events}
+    assert systems and all(s.startswith("Touchy,") for s in systems), lean_events
+    texts = [text for _, text in lean_events]
+    assert "got b'boom'" in texts and "got b'hello'" in texts
+    assert any("boom in dataReceived" in text or "Unhandled" in text for text in texts)
+
+
+def test_only_twisteds_epoll_reactor_is_changed() -> None:
+    """Another reactor (what ``twistd --reactor`` may pick) is left as it is."""
+    from twisted.internet.pollreactor import PollReactor
+
+    other = PollReactor()
+    before = other.doIteration
+    assert not poll.install(other)
+    assert other.doIteration == before
