@@ -21,7 +21,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 
-from vibed.web import VibeChannel, VibeSite
+from vibed.web import BodyPolicy, VibeChannel, VibeSite
 
 
 class Echo(Resource):
@@ -45,9 +45,17 @@ class Echo(Resource):
         ).encode()
 
 
-def connect() -> tuple[Any, StringTransport]:
+def connect(**policies: int) -> tuple[Any, StringTransport]:
+    """A channel on a StringTransport; ``policies`` maps path prefixes to body limits."""
     clock = Clock()
-    site = VibeSite(Echo(), access_log="off")
+    site = VibeSite(
+        Echo(),
+        access_log="off",
+        body_policies={
+            prefix.encode(): BodyPolicy(limit=lambda request, n=limit: n)
+            for prefix, limit in policies.items()
+        },
+    )
     site.reactor = clock  # type: ignore[assignment]
     channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
     channel.callLater = clock.callLater
@@ -194,3 +202,34 @@ def test_keep_alive_requests_one_after_another_are_all_taken() -> None:
         assert json.loads(transport.value().split(b"\r\n\r\n", 1)[1])["uri"] == f"/n/{i}"
     assert taken == 5
     assert isinstance(channel, VibeChannel) and not transport.disconnecting
+
+
+def test_a_refused_body_leaves_the_channel_as_twisted_leaves_it() -> None:
+    """A body refused at its length (413, the connection closing) stays unread, as under
+    twisted.web's parser: bytes that keep arriving (TLS delivers them until the client's own
+    close) are never read as more headers of the refused request, which is never rendered."""
+    refused = b"PUT /small/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nabcde"
+    later = [b"X-Smuggled: 1\r\n", b"Content-Length: 0\r\n", b"\r\n", b"x", b"y"]
+    answers = []
+    for first in ([refused], [refused[i : i + 1] for i in range(len(refused))]):
+        channel, transport = connect(**{"/small/": 3})
+        for chunk in first + later:
+            channel.dataReceived(chunk)
+        answers.append((wire(transport), transport.disconnecting, channel._vibe_phase))
+    assert answers[0] == answers[1]
+    answer, closing, _ = answers[0]
+    assert answer.startswith(b"HTTP/1.1 413 ") and closing
+    assert b" 200 " not in answer and b"Smuggled" not in answer
+
+
+def test_nothing_is_taken_on_a_connection_already_closing() -> None:
+    """Once the channel is closing (after a 408, say), a whole request arriving is left to
+    twisted.web's parser, which reads no further than its first line."""
+    data = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab"
+    channel, transport = connect()
+    channel.transport.loseConnection()
+    taken = channel._whole_request
+    channel._whole_request = lambda chunk: pytest.fail("the one-pass parse ran")  # noqa: ARG005
+    channel.dataReceived(data)
+    channel._whole_request = taken
+    assert transport.value() == b"" and channel._vibe_phase == "head"

@@ -32,7 +32,14 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import FileLogObserver, Logger, formatTime, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, _escape, _parseRequestLine, datetimeToString, unquote
+from twisted.web.http import (
+    HTTPChannel,
+    _escape,
+    _IdentityTransferDecoder,
+    _parseRequestLine,
+    datetimeToString,
+    unquote,
+)
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.resource import IResource, _IEncodingResource
@@ -250,11 +257,19 @@ class VibeRequest(Request):
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
         transport.loseConnection()
+        # Bytes may still arrive until the close is done (TLS reads on until the client's own
+        # close): none of them is read, as twisted.web does for a connection not kept alive.
+        channel: Any = self.channel
+        channel.dataReceived = channel.lineReceived = channel.rawDataReceived = _ignore
         if self.content is not None:
             try:
                 self.content.close()
             except Exception:  # noqa: S110 - best effort on a refused upload
                 pass
+
+
+def _ignore(*args: object) -> None:
+    """What a closing channel does with more bytes."""
 
 
 def send_now(transport: Any, data: bytes) -> None:
@@ -457,6 +472,7 @@ class VibeChannel(HTTPChannel):
             self._vibe_body_bytes += len(data)
         if (
             self._vibe_phase == "head"
+            and not getattr(self.transport, "disconnecting", True)
             and self.line_mode
             and not self._buffer
             and not self._busyReceiving
@@ -527,18 +543,26 @@ class VibeChannel(HTTPChannel):
         self.requests.append(request)
         self._HTTPChannel__first_line = 0
         self._command, self._path, self._version = command, path, version
+        self._receivedHeaderSize = len(bare)
+        self._receivedHeaderCount = len(lines) - 1
         request.requestHeaders._rawHeaders.update(headers)
         self.length = length
-        self._transferDecoder = None
-        self.allHeadersReceived()
-        transport: Any = self.transport
         if length:
-            if transport is None or transport.disconnecting:
-                return True  # refused at its length (413), the connection closing
-            request.handleContentChunk(body)
-        if transport is None or transport.disconnecting:
+            self._transferDecoder = _IdentityTransferDecoder(
+                length, request.handleContentChunk, self._finishRequestBody
+            )
+        self.allHeadersReceived()
+        if not length:
+            self.allContentReceived()
             return True
-        self.allContentReceived()
+        # The body, as LineReceiver hands it on: in raw mode, to the identity decoder, unless
+        # the connection is closing (a 413 refused the length): then it stays unread.
+        self.setRawMode()
+        transport: Any = self.transport
+        if transport is not None and transport.disconnecting:
+            self._buffer = body
+            return True
+        self.rawDataReceived(body)
         return True
 
     def allHeadersReceived(self) -> None:  # noqa: N802
