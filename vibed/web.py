@@ -36,7 +36,6 @@ from twisted.web.http import (
     HTTPChannel,
     _escape,
     _IdentityTransferDecoder,
-    _parseRequestLine,
     datetimeToString,
     unquote,
 )
@@ -341,6 +340,11 @@ def _simple_response(transport: Any, status: bytes, detail: str, slug: str) -> N
 
 #: Headers the one-pass parse leaves to twisted.web's parser.
 _WHOLE_REQUEST_ODD = frozenset((b"Transfer-Encoding", b"Expect"))
+#: A request line twisted.web's ``_parseRequestLine`` accepts, in one regular expression
+#: instead of its Python loop over every byte of the target (a fifth of the parse): a token
+#: method, a target of bytes 0x21 to 0xB0, HTTP/1.1 or 1.0, one space between each. A line
+#: this refuses goes to twisted.web's parser, which then decides.
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\xb0]+) (HTTP/1\.[01])\Z")
 
 
 class VibeChannel(HTTPChannel):
@@ -508,10 +512,10 @@ class VibeChannel(HTTPChannel):
             return False
         if max(map(len, lines)) > self.MAX_LENGTH:
             return False
-        try:
-            command, path, version = _parseRequestLine(lines[0])
-        except ValueError:
+        request_line = _REQUEST_LINE.match(lines[0])
+        if request_line is None:
             return False
+        command, path, version = request_line.groups()
         headers: dict[bytes, list[bytes]] = {}
         length = 0
         for line in lines[1:]:
