@@ -276,4 +276,4 @@ def test_the_request_line_check_accepts_only_what_twisted_accepts() -> None:
             expected = None
         assert (match.groups() if match else None) == expected, line
         accepted += match is not None
-    assert accepted > 1000, accepted  # the random lines did reach the accepting side
+    assert accepted > 200, accepted  # the random lines did reach the accepting side
