@@ -373,7 +373,7 @@ async def test_batched_sends_keep_order_and_leave_before_a_close(make_vibed: Vib
         assert (await client.changes(1))[0]["id"] == "lone"
     await put_doc(vibed.couch, me.db, "notes", "last", {})
     sock = server_socket(vibed, clients[1])
-    await poll(lambda: bool(sock._outbox))  # batched, not sent yet
+    await poll(lambda: service.hub.feeds[me.db].pending > 0)  # batched, not sent yet
     sock.going_away()
     assert (await clients[1].changes(1))[0]["id"] == "last"
     assert await clients[1].wait_closed() == 1001

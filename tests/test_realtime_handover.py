@@ -27,6 +27,7 @@ from vibed.realtime import (
     CATCHING_UP,
     ENDED,
     LIVE,
+    Batch,
     FeedHub,
     RealtimeSettings,
     Subscription,
@@ -165,6 +166,9 @@ class Sink:
 
     def deliver(self, payload: bytes) -> None:
         self.received.append(json.loads(payload))
+
+    def deliver_batch(self, batch: Batch) -> None:
+        self.received.extend(json.loads(p) for p in batch.payloads)
 
     def drained(self) -> Deferred[None]:
         return succeed(None)

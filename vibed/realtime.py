@@ -122,6 +122,7 @@ __all__ = [
     "ENDED",
     "LIVE",
     "PENDING",
+    "Batch",
     "Change",
     "DatabaseFeed",
     "FeedHub",
@@ -247,6 +248,25 @@ class Change:
         return Change(self.seq)
 
 
+@define(eq=False)
+class Batch:
+    """The changes of one batch window that a set of sinks with the same collections gets:
+    ``payloads`` in the stream's order, and once a sink asks, the same messages framed and
+    joined, made once for every sink of the set."""
+
+    payloads: list[bytes]
+    _framed: bytes | None = field(default=None, repr=False)
+
+    def framed(self, frame: Callable[[bytes], bytes]) -> bytes:
+        """The payloads framed by ``frame`` and joined (computed on the first call)."""
+        if self._framed is None:
+            if len(self.payloads) == 1:
+                self._framed = frame(self.payloads[0])
+            else:
+                self._framed = b"".join([frame(p) for p in self.payloads])
+        return self._framed
+
+
 class ChangeSink(Protocol):
     """Where a subscription's messages go (a socket)."""
 
@@ -255,6 +275,9 @@ class ChangeSink(Protocol):
 
     def deliver(self, payload: bytes) -> None:
         """Send one encoded ``change`` message."""
+
+    def deliver_batch(self, batch: Batch) -> None:
+        """Send the messages of a closed batch window, in order (see DatabaseFeed)."""
 
     def drained(self) -> Deferred[None]:
         """Fires once what was sent so far has left for the network (catch-up pacing)."""
@@ -295,7 +318,20 @@ class Subscription:
 
 @define(eq=False)
 class DatabaseFeed:
-    """The shared continuous feed of one database and the subscriptions it serves."""
+    """The shared continuous feed of one database and the subscriptions it serves.
+
+    With a batch window (``batch_ms`` > 0) live changes are batched per feed, not per socket:
+    a change only joins the feed's open window; when the window closes (the hub's timer, or
+    past ``OUTBOX_FLUSH_BYTES``) every sink gets, in one :meth:`ChangeSink.deliver_batch`,
+    the window's changes of the collections it is subscribed to, and the sinks subscribed to
+    the same collections share one :class:`Batch` (framed and joined once). Order is kept
+    per sink by one rule: before anything else reaches a sink (an acknowledgement, an error,
+    a catch-up row, a close) and before its subscriptions change, :meth:`settle` hands it
+    what the open window holds for it so far, one by one, and it receives the rest of that
+    window's changes one by one too ("solo"). A sink whose subscription has just been handed
+    over (its first live rows are checked against what its reads delivered) stays solo until
+    the check ends.
+    """
 
     hub: FeedHub = field(repr=False)
     name: str
@@ -310,6 +346,18 @@ class DatabaseFeed:
     _waiters: list[Deferred[None]] = field(factory=list, repr=False)
     _recent: OrderedDict[str, str] = field(factory=OrderedDict, repr=False)
     _stopping: Deferred[None] | None = field(default=None, repr=False)
+    # -- the batch window: its changes, and who gets them how --
+    _window: list[Change] = field(factory=list, repr=False)
+    _window_bytes: int = 0
+    #: each sink's live subscriptions here, by collection (a socket has one per collection)
+    _sink_subs: dict[ChangeSink, dict[str, Subscription]] = field(factory=dict, repr=False)
+    #: each sink's set of live collections, and the sinks of each such set
+    _views: dict[ChangeSink, frozenset[str]] = field(factory=dict, repr=False)
+    _groups: dict[frozenset[str], dict[ChangeSink, None]] = field(factory=dict, repr=False)
+    #: sinks that get this window's changes one by one, as they come (not in the batch)
+    _solo: set[ChangeSink] = field(factory=set, repr=False)
+    #: sinks with a subscription whose first live rows are checked (solo every window)
+    _checked: set[ChangeSink] = field(factory=set, repr=False)
 
     @property
     def settings(self) -> RealtimeSettings:
@@ -369,6 +417,9 @@ class DatabaseFeed:
         # One subscription's failure must never cost another its event: each is guarded.
         if change.collection is not None and change.payload is not None:
             subs = self.live.get(change.collection)
+            if subs and self.hub.batching:
+                self._add_to_window(change)
+                subs = None
             for sub in list(subs) if subs else ():
                 if sub.state == LIVE:
                     try:  # _guard, inline: this loop runs once per subscriber per change
@@ -381,6 +432,114 @@ class DatabaseFeed:
         for sub in list(self.catching_up):
             if sub.state == CATCHING_UP:
                 self._guard(self._buffer, sub, change)
+
+    # -- the batch window --------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Changes in the open batch window."""
+        return len(self._window)
+
+    def _add_to_window(self, change: Change) -> None:
+        assert change.payload is not None and change.collection is not None
+        if not self._window:
+            self.hub.window_opened(self)
+        self._window.append(change)
+        self._window_bytes += len(change.payload)
+        if self._solo:
+            for sink in list(self._solo):
+                sub = self._sink_subs.get(sink, _NO_SUBS).get(change.collection)
+                if sub is not None and sub.state == LIVE:
+                    self._guard(self._deliver_live, sub, change)
+        if self._window_bytes >= OUTBOX_FLUSH_BYTES:
+            self.flush_window()
+
+    def settle(self, sink: ChangeSink) -> None:
+        """Hand ``sink`` now what the open window holds for it, one by one; it gets the rest
+        of this window's changes one by one too. Called before anything else reaches the
+        sink and before its subscriptions here change, so that it receives every message
+        in the order it was made, and a new subscription nothing from before it."""
+        if not self._window or sink in self._solo:
+            return
+        self._solo.add(sink)
+        view = self._views.get(sink)
+        if view is None:
+            return
+        self.hub.settled += 1
+        subs = self._sink_subs[sink]
+        for change in list(self._window):
+            if change.collection in view:
+                sub = subs.get(change.collection)
+                if sub is not None and sub.state == LIVE:
+                    self._guard(self._deliver_live, sub, change)
+
+    def flush_window(self) -> None:
+        """Close the window: each sink not served one by one gets the window's changes of
+        its collections in one batch, made once per set of collections."""
+        window = self._window
+        if not window:
+            return
+        self._window = []
+        self._window_bytes = 0
+        solo = self._solo
+        if self._checked:
+            self._checked = {
+                sink
+                for sink in self._checked
+                if any(sub.seen for sub in self._sink_subs.get(sink, _NO_SUBS).values())
+            }
+        self._solo = set(self._checked)
+        for view, group in list(self._groups.items()):
+            payloads = [c.payload for c in window if c.collection in view]
+            if not payloads:
+                continue
+            batch = Batch(cast(list[bytes], payloads))
+            for sink in list(group):
+                if sink in solo:
+                    continue
+                try:
+                    sink.deliver_batch(batch)
+                except Exception:
+                    _log.failure("realtime: delivering changes of {db} failed", db=self.name)
+                    for sub in list(self._sink_subs.get(sink, _NO_SUBS).values()):
+                        self.hub.end(
+                            sub, "internal", "The subscription failed; subscribe again with since."
+                        )
+
+    def _join(self, sub: Subscription) -> None:
+        """``sub`` (live now) joins its sink's set of collections."""
+        sink = sub.sink
+        subs = self._sink_subs.get(sink)
+        if subs is None:
+            subs = self._sink_subs[sink] = {}
+        subs[sub.collection] = sub
+        self._regroup(sink, subs)
+        if sub.seen:
+            self._checked.add(sink)
+            self._solo.add(sink)  # settled before (or no window open): nothing skipped
+
+    def _leave(self, sub: Subscription) -> None:
+        sink = sub.sink
+        subs = self._sink_subs.get(sink)
+        if subs is None or subs.get(sub.collection) is not sub:
+            return
+        del subs[sub.collection]
+        if not subs:
+            del self._sink_subs[sink]
+            self._checked.discard(sink)
+        self._regroup(sink, subs)
+
+    def _regroup(self, sink: ChangeSink, subs: dict[str, Subscription]) -> None:
+        old = self._views.pop(sink, None)
+        if old is not None:
+            group = self._groups[old]
+            del group[sink]
+            if not group:
+                del self._groups[old]
+        if subs:
+            view = frozenset(subs)
+            self._views[sink] = view
+            self._groups.setdefault(view, {})[sink] = None
 
     def _guard(
         self, step: Callable[[Subscription, Change], None], sub: Subscription, change: Change
@@ -424,7 +583,9 @@ class DatabaseFeed:
         task.addErrback(self._catch_up_failed, sub)
 
     def detach(self, sub: Subscription) -> None:
-        """Leave: the subscription receives nothing more."""
+        """Leave: the subscription receives nothing more (what the open window holds for
+        its sink is handed over first)."""
+        self.settle(sub.sink)
         sub.state = ENDED
         self.catching_up.discard(sub)
         subs = self.live.get(sub.collection)
@@ -432,6 +593,7 @@ class DatabaseFeed:
             subs.discard(sub)
             if not subs:
                 del self.live[sub.collection]
+        self._leave(sub)
         self._stop_waiting(sub)
         if sub.task is not None and not sub.task.called:
             sub.task.cancel()
@@ -443,11 +605,13 @@ class DatabaseFeed:
         return [*self.catching_up, *(s for subs in self.live.values() for s in subs)]
 
     def _go_live(self, sub: Subscription) -> None:
+        self.settle(sub.sink)  # the open window's changes are not the new subscription's
         self.catching_up.discard(sub)
         self._stop_waiting(sub)
         sub.state = LIVE
         sub.buffer_bytes = 0
         self.live.setdefault(sub.collection, set()).add(sub)
+        self._join(sub)
 
     def _buffer(self, sub: Subscription, change: Change) -> None:
         """A stream row while ``sub`` catches up: keep it, and see whether the reads meet it."""
@@ -550,6 +714,8 @@ class DatabaseFeed:
             sub.reads += 1
             self.hub.catch_up_reads += 1
             results = [r for r in page.get("results") or [] if isinstance(r, dict) and "seq" in r]
+            if results:
+                self.settle(sub.sink)  # the window's changes of its live ones go first
             for row in results:
                 change = Change.from_row(row)
                 if change.collection != sub.collection or change.payload is None:
@@ -579,6 +745,9 @@ class DatabaseFeed:
             feed, self.feed = self.feed, None
             self._stopping = feed.stop() if feed is not None else succeed(None)
         return self._stopping
+
+
+_NO_SUBS: dict[str, Subscription] = {}
 
 
 def _seq(value: Any) -> str:
@@ -611,6 +780,11 @@ class FeedHub:
         self.catch_up_reads = 0
         self.handovers = 0
         self.duplicates_dropped = 0
+        self.settled = 0  # sinks handed an open window's changes one by one (settle)
+        #: live changes are batched per feed within ``batch_ms``
+        self.batching = settings.batch_ms > 0
+        self._windows: dict[DatabaseFeed, None] = {}
+        self._window_call: IDelayedCall | None = None
 
     def stats(self) -> dict[str, int]:
         return {
@@ -623,7 +797,28 @@ class FeedHub:
             "catch_up_reads": self.catch_up_reads,
             "handovers": self.handovers,
             "duplicates_dropped": self.duplicates_dropped,
+            "settled": self.settled,
         }
+
+    def window_opened(self, entry: DatabaseFeed) -> None:
+        """``entry`` has changes waiting: its window closes at the end of this batch window
+        (one timer for every feed)."""
+        self._windows[entry] = None
+        if self._window_call is None:
+            delay = self.settings.batch_ms / 1000
+            self._window_call = self.reactor.callLater(delay, self.flush_windows)
+
+    def flush_windows(self) -> None:
+        """Close every open batch window now."""
+        if self._window_call is not None and self._window_call.active():
+            self._window_call.cancel()
+        self._window_call = None
+        entries, self._windows = self._windows, {}
+        for entry in entries:
+            try:
+                entry.flush_window()
+            except Exception:
+                _log.failure("realtime: closing the batch window of {db}: bug", db=entry.name)
 
     async def subscribe(self, sub: Subscription) -> None:
         """Join ``sub`` to the feed of its database, opening the feed first if needed.
@@ -695,6 +890,7 @@ class FeedHub:
                 entry.detach(sub)
             self._forget(entry)
             self._stopping.add(entry.stop())
+        self.flush_windows()
         return DeferredList(list(self._stopping), consumeErrors=True)
 
 
@@ -1124,6 +1320,26 @@ class RealtimeProtocol(WebSocketServerProtocol):
             return
         self._push(payload)
 
+    def deliver_batch(self, batch: Batch) -> None:
+        if self._closing or self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        if self._paused or self._queue or self._perMessageCompress is not None:
+            for payload in batch.payloads:  # the send queue's limits apply per message
+                self._push(payload)
+            return
+        try:
+            data = batch.framed(self.factory.frame)
+        except Exception:
+            _log.failure("realtime socket of {peer}: sending failed", peer=self.peer)
+            self._internal_error()
+            return
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        if self._outbox_bytes >= OUTBOX_FLUSH_BYTES:
+            self.flush_outbox()
+        else:
+            self.factory.flush_soon(self)
+
     def drained(self) -> Deferred[None]:
         if self._gone or (not self._queue and not self._paused):
             return succeed(None)
@@ -1143,7 +1359,17 @@ class RealtimeProtocol(WebSocketServerProtocol):
         self._send_json(body)
 
     def _send_json(self, message: dict[str, Any]) -> None:
+        """Send an answer (acknowledgement, error) now, after the changes made before it."""
+        self._settle_windows()
         self._push(_encode(message))
+        self.flush_outbox()
+
+    def _settle_windows(self) -> None:
+        """What the feed's open batch window holds for this socket goes before what follows."""
+        for sub in self.subs.values():
+            entry = sub.entry
+            if entry is not None and entry.pending:
+                entry.settle(self)
 
     def _push(self, payload: bytes) -> None:
         if self._closing or self.state != WebSocketServerProtocol.STATE_OPEN:
@@ -1271,6 +1497,7 @@ class RealtimeProtocol(WebSocketServerProtocol):
         """Close with ``code``; from now on nothing more is sent nor handled."""
         if self._closing:
             return
+        self._settle_windows()
         self.flush_outbox()  # what was sent before the close goes before it
         self.close_code = code
         self._release()
@@ -1325,6 +1552,8 @@ class RealtimeFactory(WebSocketServerFactory):
         self._prepared: OrderedDict[int, tuple[bytes, Any]] = OrderedDict()
         self._batched: list[RealtimeProtocol] = []
         self._batch_call: Any = None
+        self._soon: list[RealtimeProtocol] = []
+        self._soon_call: Any = None
         settings = service.settings
         self.setProtocolOptions(
             webStatus=False,  # no HTML status page (it names Autobahn's version)
@@ -1347,6 +1576,22 @@ class RealtimeFactory(WebSocketServerFactory):
         if self._batch_call is None:
             delay = self.service.settings.batch_ms / 1000
             self._batch_call = self.service.reactor.callLater(delay, self._send_batches)
+
+    def flush_soon(self, socket: RealtimeProtocol) -> None:
+        """``socket`` got a feed's batch: send it in the next reactor turns, with the other
+        sockets' (FLUSH_CHUNK per turn)."""
+        self._soon.append(socket)
+        if self._soon_call is None:
+            self._soon_call = self.service.reactor.callLater(0, self._send_soon)
+
+    def _send_soon(self) -> None:
+        self._soon_call = None
+        sockets, self._soon = self._soon, []
+        self._send_batches(sockets)
+
+    def frame(self, payload: bytes) -> bytes:
+        """``payload`` as one unmasked text frame."""
+        return cast(bytes, self.prepared(payload).payloadHybi)
 
     def _send_batches(self, batched: list[RealtimeProtocol] | None = None) -> None:
         """Flush the waiting sockets, at most FLUSH_CHUNK of them per reactor turn: the
