@@ -368,3 +368,59 @@ def test_last_subscription_leaving_stops_the_feed_and_a_new_one_reopens() -> Non
     third = Subscription("db_x", "notes", Sink())
     run(hub, third)
     assert len(db.feeds) == 2 and db.feeds[1].running and hub.feeds_opened == 2
+
+
+def test_a_hand_over_while_a_batch_window_is_open_delivers_its_changes_once() -> None:
+    """A subscription handed over to the stream while the feed's batch window holds changes
+    it also got from its buffer (its reads delivered none of its collection, so nothing marks
+    them as seen) receives each once: the window's changes before the hand-over are not its
+    batch's, the ones after it are."""
+    clock = Clock()
+    db = FakeDB("db_x")
+    hub = FeedHub(FakeCouch(db), clock, RealtimeSettings(page_size=1))  # type: ignore[arg-type]
+    db.write("notes", "a")
+    db.write("todos", "t")
+    keeper_sink = Sink()
+    keeper = Subscription("db_x", "notes", keeper_sink)
+    run(hub, keeper)
+    sink = Sink()
+    sub = Subscription("db_x", "notes", sink, since="1")  # after "a": only "t" to read
+    run(hub, sub)
+    assert sub.state == CATCHING_UP
+    db.write("notes", "b")
+    assert db.feeds[0].step()  # "b" joins the open window and sub's buffer
+    assert hub.feeds["db_x"].pending == 1
+    assert db.answer_read()  # one row ("t", another collection): the read meets the stream
+    assert sub.state == LIVE and hub.feeds["db_x"].pending == 1
+    db.write("notes", "c")
+    assert db.feeds[0].step()
+    clock.advance(1)  # the window closes
+    assert hub.feeds["db_x"].pending == 0
+    assert [m["id"] for m in sink.received] == ["b", "c"]
+    assert [m["id"] for m in keeper_sink.received] == ["b", "c"]
+
+
+def test_a_subscription_made_while_a_batch_window_is_open_gets_none_of_it() -> None:
+    """A sink that subscribes to one more collection while the feed's open window holds a
+    change of it (for another sink) does not get that change, which is from before its
+    ``subscribed`` seq; it still gets the window's changes of the collection it had, and
+    the later ones of both."""
+    clock = Clock()
+    db = FakeDB("db_x")
+    hub = FeedHub(FakeCouch(db), clock, RealtimeSettings())  # type: ignore[arg-type]
+    sink, other = Sink(), Sink()
+    run(hub, Subscription("db_x", "notes", sink))
+    run(hub, Subscription("db_x", "todos", other))
+    db.write("notes", "n1")
+    db.write("todos", "t1")
+    assert db.feeds[0].step() and db.feeds[0].step()
+    assert hub.feeds["db_x"].pending == 2
+    late = Subscription("db_x", "todos", sink)
+    run(hub, late)
+    assert late.state == LIVE and late.ack_seq == "2"
+    db.write("todos", "t2")
+    assert db.feeds[0].step()
+    clock.advance(1)
+    assert hub.feeds["db_x"].pending == 0
+    assert [m["id"] for m in sink.received] == ["n1", "t2"]
+    assert [m["id"] for m in other.received] == ["t1", "t2"]
