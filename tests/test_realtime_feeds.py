@@ -379,3 +379,126 @@ async def test_batched_sends_keep_order_and_leave_before_a_close(make_vibed: Vib
     assert await clients[1].wait_closed() == 1001
     assert service.closed_too_slow == 0
     await close(clients[0], clients[2])
+
+
+# -- batch windows: order on every socket ---------------------------------------------------
+
+
+async def in_window(service: Any, db: str, count: int) -> None:
+    """Wait until the feed of ``db`` holds ``count`` changes in its open batch window."""
+    await poll(lambda: db in service.hub.feeds and service.hub.feeds[db].pending == count)
+
+
+def kinds(messages: list[dict[str, Any]]) -> list[str]:
+    """Each message as ``change:<id>`` or its type (and collection or code)."""
+    out = []
+    for m in messages:
+        if m["type"] == "change":
+            out.append(f"change:{m['id']}")
+        else:
+            out.append(f"{m['type']}:{m.get('collection') or m.get('code')}")
+    return out
+
+
+async def take(client: Any, count: int) -> list[str]:
+    return kinds([await client.next() for _ in range(count)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pending_batch_goes_before_acks_errors_and_unsubscribing(
+    make_vibed: VibedFactory,
+) -> None:
+    """While the feed's batch window holds a change for a socket, whatever else the socket is
+    sent comes after it: a ``subscribed`` for another collection (which gets none of the
+    window's changes of that collection: they are from before its seq), an ``error``, an
+    ``unsubscribed`` (nothing of the collection after it); the other sockets get the same
+    changes in one batch when the window closes, each once."""
+    vibed = await make_vibed(realtime={"batch_ms": 60_000})  # closed by the test only
+    service = realtime_service(vibed)
+    me = await realtime_identity(vibed)
+    a, b, c = [await connect_realtime(vibed, me.token) for _ in range(3)]
+    await subscribe(a, "notes")
+    await subscribe(b, "notes")
+    await subscribe(c, "todos")
+    settled = service.hub.settled
+
+    # a subscribes to todos while n1 (its) and t0 (not yet its) wait in the window
+    await put_doc(vibed.couch, me.db, "notes", "n1", {})
+    await put_doc(vibed.couch, me.db, "todos", "t0", {})
+    await in_window(service, me.db, 2)
+    a.send({"type": "subscribe", "collection": "todos"})
+    assert await take(a, 2) == ["change:n1", "subscribed:todos"]
+    assert service.hub.feeds[me.db].pending == 2  # the window was still open
+    service.flush_batches()
+    assert await take(b, 1) == ["change:n1"]
+    assert await take(c, 1) == ["change:t0"]
+    await put_doc(vibed.couch, me.db, "todos", "t1", {})
+    await put_doc(vibed.couch, me.db, "notes", "n2", {})
+    await in_window(service, me.db, 2)
+    service.flush_batches()
+    assert await take(a, 2) == ["change:t1", "change:n2"]
+
+    # an error while n3 waits
+    await put_doc(vibed.couch, me.db, "notes", "n3", {})
+    await in_window(service, me.db, 1)
+    a.send({"type": "subscribe", "collection": "notes"})
+    assert await take(a, 2) == ["change:n3", "error:already-subscribed"]
+
+    # unsubscribing while n4 waits: n4 first, nothing of notes after the answer
+    service.flush_batches()
+    await put_doc(vibed.couch, me.db, "notes", "n4", {})
+    await in_window(service, me.db, 1)
+    a.send({"type": "unsubscribe", "collection": "notes"})
+    assert await take(a, 2) == ["change:n4", "unsubscribed:notes"]
+    await put_doc(vibed.couch, me.db, "notes", "n5", {})
+    await put_doc(vibed.couch, me.db, "todos", "t2", {})
+    await in_window(service, me.db, 2)
+    service.flush_batches()
+    assert await take(a, 1) == ["change:t2"]
+    assert await take(b, 4) == ["change:n2", "change:n3", "change:n4", "change:n5"]
+    assert await take(c, 2) == ["change:t1", "change:t2"]
+    assert service.hub.settled - settled == 3  # each time, a's window was handed over
+    await close(a, b, c)
+    assert [m["id"] for m in a.inbox if m["type"] == "change"] == [
+        "n1",
+        "t1",
+        "n2",
+        "n3",
+        "n4",
+        "t2",
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pending_batch_goes_before_a_resumed_subscriptions_rows(
+    make_vibed: VibedFactory,
+) -> None:
+    """A socket that resumes another collection with ``since`` while the window holds a
+    change of its live one gets that change first, then ``subscribed``, then the missed
+    rows, then the live ones: each once."""
+    vibed = await make_vibed(realtime={"batch_ms": 60_000})
+    service = realtime_service(vibed)
+    me = await realtime_identity(vibed)
+    keeper = await connect_realtime(vibed, me.token)
+    await subscribe(keeper, "notes")
+    ack = await subscribe(keeper, "todos")
+    for i in range(3):
+        await put_doc(vibed.couch, me.db, "todos", f"missed{i}", {})
+    await in_window(service, me.db, 3)
+    service.flush_batches()
+    assert await take(keeper, 3) == [f"change:missed{i}" for i in range(3)]
+
+    client = await connect_realtime(vibed, me.token)
+    await subscribe(client, "notes")
+    await put_doc(vibed.couch, me.db, "notes", "n1", {})
+    await in_window(service, me.db, 1)
+    client.send({"type": "subscribe", "collection": "todos", "since": ack["seq"]})
+    assert await take(client, 2) == ["change:n1", "subscribed:todos"]
+    await poll(lambda: service.hub.stats()["catching_up"] == 0)
+    await put_doc(vibed.couch, me.db, "todos", "live", {})
+    await in_window(service, me.db, 2)  # n1 and live: the window is still open
+    service.flush_batches()
+    assert await take(client, 4) == [*(f"change:missed{i}" for i in range(3)), "change:live"]
+    assert await take(keeper, 2) == ["change:n1", "change:live"]
+    await close(client, keeper)
+    assert len([m for m in client.inbox if m["type"] == "change"]) == 5

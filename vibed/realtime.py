@@ -60,6 +60,9 @@ Fan-out and hand-over
 :class:`FeedHub` keeps one :class:`DatabaseFeed` per watched database, reference-counted by
 subscriptions and stopped when the last one leaves. The feed filters rows by collection in
 vibed (``filter=_selector`` is never sent) and encodes each change once for every socket.
+Live changes are batched per feed within ``batch_ms``: the sockets subscribed to the same
+collections share one framed batch per window (one send each), and whatever else a socket is
+sent goes after the window's changes made before it (see :class:`DatabaseFeed`).
 
 A subscription with ``since`` catches up by chained normal reads (``_changes?since=<pos>``,
 paged); meanwhile the rows the shared feed streams are buffered for it. The hand-over needs a
@@ -1305,8 +1308,8 @@ class RealtimeProtocol(WebSocketServerProtocol):
             and not self._closing
             and self.state == WebSocketServerProtocol.STATE_OPEN
         ):
-            # The common case of a busy feed, short: the socket's batch is already waiting
-            # for the timer (so batching is on and messages are framed here).
+            # A socket served one by one (see DatabaseFeed.settle), or catching up, short:
+            # its batch is already waiting for the timer (batching is on: framed here).
             try:
                 frame: bytes = self.factory.prepared(payload).payloadHybi
             except Exception:
@@ -1685,6 +1688,13 @@ class RealtimeService(Service):
                 or (kind == "sub" and claims.sub == value)
             ):
                 socket.revoked()
+
+    def flush_batches(self) -> None:
+        """Send now what waits for a batch window: the feeds' open windows, then every
+        socket's outbox (for tests that must not depend on the window's timing)."""
+        self.hub.flush_windows()
+        for socket in list(self.sockets):
+            socket.flush_outbox()
 
     def startService(self) -> None:  # noqa: N802 (Twisted API)
         super().startService()
