@@ -390,13 +390,13 @@ async def in_window(service: Any, db: str, count: int) -> None:
 
 
 def kinds(messages: list[dict[str, Any]]) -> list[str]:
-    """Each message as ``change:<id>`` or its type (and collection or code)."""
+    """Each message as ``change:<id>``, else its type and its code or collection."""
     out = []
     for m in messages:
         if m["type"] == "change":
             out.append(f"change:{m['id']}")
         else:
-            out.append(f"{m['type']}:{m.get('collection') or m.get('code')}")
+            out.append(f"{m['type']}:{m.get('code') or m.get('collection')}")
     return out
 
 
@@ -450,6 +450,7 @@ async def test_a_pending_batch_goes_before_acks_errors_and_unsubscribing(
     await in_window(service, me.db, 1)
     a.send({"type": "unsubscribe", "collection": "notes"})
     assert await take(a, 2) == ["change:n4", "unsubscribed:notes"]
+    service.flush_batches()
     await put_doc(vibed.couch, me.db, "notes", "n5", {})
     await put_doc(vibed.couch, me.db, "todos", "t2", {})
     await in_window(service, me.db, 2)
