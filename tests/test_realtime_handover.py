@@ -424,3 +424,26 @@ def test_a_subscription_made_while_a_batch_window_is_open_gets_none_of_it() -> N
     assert hub.feeds["db_x"].pending == 0
     assert [m["id"] for m in sink.received] == ["n1", "t2"]
     assert [m["id"] for m in other.received] == ["t1", "t2"]
+
+
+def test_catch_up_rows_go_after_the_windows_changes_made_before_them() -> None:
+    """A sink with a live subscription and another catching up: when a read's rows arrive
+    while the open window holds a change of the live one, that change reaches the sink first
+    (every message in the order it was made), and nothing twice."""
+    clock = Clock()
+    db = FakeDB("db_x")
+    hub = FeedHub(FakeCouch(db), clock, RealtimeSettings())  # type: ignore[arg-type]
+    db.write("todos", "t1")
+    db.write("todos", "t2")
+    sink = Sink()
+    run(hub, Subscription("db_x", "notes", sink))
+    resumed = Subscription("db_x", "todos", sink, since="0")
+    run(hub, resumed)
+    assert resumed.state == CATCHING_UP
+    db.write("notes", "n1")
+    assert db.feeds[0].step()
+    assert hub.feeds["db_x"].pending == 1
+    assert db.answer_read()
+    settle(db, clock)
+    assert [m["id"] for m in sink.received] == ["n1", "t1", "t2"]
+    assert resumed.state == LIVE
