@@ -194,9 +194,11 @@ def shot(page: Any, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def until(check: Any, within: float = 5.0, what: str = "condition", on_fail: Any = None) -> float:
+def until(check: Any, within: float = 15.0, what: str = "condition", on_fail: Any = None) -> float:
     """Seconds until ``check()`` is truthy (polled); AssertionError after ``within`` (with
-    what ``on_fail()`` returns, e.g. after taking a screenshot)."""
+    what ``on_fail()`` returns, e.g. after taking a screenshot). 15 s by default: a bound on a
+    browser's round trips (often through the realtime feed) on a box that CI keeps busy, not
+    a timing being checked (a note once took more than 5 s to be listed there)."""
     start = time.monotonic()
     while True:
         if check():
