@@ -38,6 +38,33 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+# Argon2id at vibed's production cost (46 MiB, t=2) costs the suite CPU in every signup and
+# login of an in-process vibed (~0.1-0.5 s each on 2 busy cores). Where a test is not about hashing, the
+# in-process vibeds hash with these cheap parameters instead (the PHC string records them, so
+# verify works across both). Production defaults stay as they are; tests about hashing (marked
+# ``real_argon2``, e.g. tests/test_keys.py) and every twistd child process use the real cost.
+TEST_ARGON2 = {"time_cost": 1, "memory_cost": 1024, "parallelism": 1}
+
+
+@pytest.fixture(autouse=True)
+def cheap_argon2(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Cheap Argon2id parameters for in-process vibeds, except in ``real_argon2`` tests."""
+    from argon2 import PasswordHasher, Type
+
+    from vibed import keys
+
+    if request.node.get_closest_marker("real_argon2") is not None:
+        keys.dummy_hash.cache_clear()
+        yield
+        return
+    cheap = PasswordHasher(hash_len=32, salt_len=16, type=Type.ID, **TEST_ARGON2)
+    monkeypatch.setattr(keys, "_hasher", cheap)
+    # dummy_hash() caches its hash: never let a cheap one outlive the patch.
+    keys.dummy_hash.cache_clear()
+    yield
+    keys.dummy_hash.cache_clear()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

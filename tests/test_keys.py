@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from vibed import keys
 from vibed.keys import KeyUnwrapError
 
+# These tests are about the hashing itself: vibed's production Argon2id parameters.
+pytestmark = pytest.mark.real_argon2
+
 # The worked example of docs/keys.md.
 DOC_PASSWORD = "Tr0ub4dor&3 caf\u00e9"
 DOC_SALT = bytes(range(16))
