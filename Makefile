@@ -75,8 +75,13 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
 
+# Two processes (pytest-xdist), a whole test file at a time: module-scoped servers and browsers
+# stay in one process, and each process still runs the browser files after its Twisted ones.
+# The suite mostly waits (servers, sockets, browsers), so two processes help even on 2 cores.
+# PYTEST_WORKERS=0 runs everything in this one process.
+PYTEST_WORKERS ?= 2
 pytest: install browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15
 
 test: lint typecheck pytest
 
