@@ -19,7 +19,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,11 @@ if os.environ.get("CI"):
 
 
 # Argon2id at vibed's production cost (46 MiB, t=2) costs the suite CPU in every signup and
-# login of an in-process vibed (~0.1-0.5 s each on 2 busy cores). Where a test is not about hashing, the
-# in-process vibeds hash with these cheap parameters instead (the PHC string records them, so
-# verify works across both). Production defaults stay as they are; tests about hashing (marked
-# ``real_argon2``, e.g. tests/test_keys.py) and every twistd child process use the real cost.
+# login of an in-process vibed (~0.1-0.5 s each on 2 busy cores). Where a test is not about
+# hashing, the in-process vibeds hash with these cheap parameters instead (the PHC string
+# records them, so verify works across both). Production defaults stay as they are; tests
+# about hashing (marked ``real_argon2``, e.g. tests/test_keys.py) and every twistd child
+# process use the real cost.
 TEST_ARGON2 = {"time_cost": 1, "memory_cost": 1024, "parallelism": 1}
 
 
@@ -139,7 +140,16 @@ class ApacheCouch:
         self.port = free_port()
         self.url = f"http://admin:admin@127.0.0.1:{self.port}/"
 
+    #: A release unpacked by an earlier start of this session: later servers copy it (a
+    #: fraction of a second) instead of unpacking the 43 MB tarball again (seconds of CPU).
+    #: CouchDB writes nothing inside its release (its data, logs and ini are beside it).
+    unpacked: Path | None = None
+
     def start(self) -> None:
+        release = self.data_dir / "release"
+        source = ApacheCouch.unpacked
+        if source is not None and not release.exists():
+            shutil.copytree(source, release, symlinks=True)
         # Through bash: CI's copy of shared/ may have lost its mode bits.
         subprocess.run(
             ["bash", str(self.script), "start", str(self.data_dir), str(self.port)],
@@ -147,6 +157,8 @@ class ApacheCouch:
             stdout=subprocess.DEVNULL,
             timeout=120,
         )
+        if ApacheCouch.unpacked is None:
+            ApacheCouch.unpacked = release
 
     def stop(self) -> None:
         """A clean stop (SIGTERM, as an operator's restart does)."""
@@ -193,25 +205,47 @@ def couch_engine(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def couch_url(couch_engine: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def couch_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], str]]:
+    """The URL of an engine's server, started on first use and kept until the session ends.
+
+    A parametrized session fixture alone would be torn down and started again each time the
+    tests switch engine (every file of both halves, under xdist's --dist loadfile); tests use
+    unique database names, so one server per engine serves the whole session."""
+    urls: dict[str, str] = {}
+    running: list[CouchProcess] = []
+
+    def url_of(engine: str) -> str:
+        if engine in urls:
+            return urls[engine]
+        server: CouchProcess
+        if engine == "pouchdb":
+            server = PouchServer(tmp_path_factory.mktemp("pouchdb"))
+        else:
+            external = os.environ.get("VIBE_TEST_COUCHDB")
+            if external:
+                urls[engine] = external if external.endswith("/") else external + "/"
+                return urls[engine]
+            script = couchdb_test_server()
+            if script is None:
+                pytest.skip(_no_couchdb())
+            server = ApacheCouch(tmp_path_factory.mktemp("couchdb"), script)
+        running.append(server)
+        server.start()
+        urls[engine] = server.url
+        return server.url
+
+    yield url_of
+    for server in running:
+        if isinstance(server, ApacheCouch):
+            server.discard()
+        else:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def couch_url(couch_engine: str, couch_servers: Callable[[str], str]) -> str:
     """URL of the engine's server shared by the session; tests use unique database names."""
-    if couch_engine == "pouchdb":
-        pouch = PouchServer(tmp_path_factory.mktemp("pouchdb"))
-        pouch.start()
-        yield pouch.url
-        pouch.stop()
-        return
-    external = os.environ.get("VIBE_TEST_COUCHDB")
-    if external:
-        yield external if external.endswith("/") else external + "/"
-        return
-    script = couchdb_test_server()
-    if script is None:
-        pytest.skip(_no_couchdb())
-    couch = ApacheCouch(tmp_path_factory.mktemp("couchdb"), script)
-    couch.start()
-    yield couch.url
-    couch.discard()
+    return couch_servers(couch_engine)
 
 
 @pytest.fixture
