@@ -162,6 +162,9 @@ PREPARED_CACHE = 256
 OUTBOX_FLUSH_BYTES = 64 * 1024
 #: Sockets whose batches leave in one reactor turn; the rest in the next turns.
 FLUSH_CHUNK = 256
+#: A handed-over subscription's first live rows are checked against what its reads
+#: delivered for at most this many closed batch windows of its feed (or ``page_size`` rows).
+CHECK_WINDOWS = 40
 
 
 @frozen
@@ -313,6 +316,8 @@ class Subscription:
     #: last revision per document the reads delivered: a safety net at the hand-over
     seen: dict[str, str] = field(factory=dict, repr=False)
     live_rows: int = 0
+    #: the feed's rows and closed windows when it went live: ``seen`` is kept for a while
+    checked_from: tuple[int, int] = (0, 0)
     reads: int = 0
     doorbell: Deferred[str] | None = field(default=None, repr=False)
     timer: IDelayedCall | None = field(default=None, repr=False)
@@ -357,10 +362,15 @@ class DatabaseFeed:
     #: each sink's set of live collections, and the sinks of each such set
     _views: dict[ChangeSink, frozenset[str]] = field(factory=dict, repr=False)
     _groups: dict[frozenset[str], dict[ChangeSink, None]] = field(factory=dict, repr=False)
+    #: the sets of collections (keys of ``_groups``) that hold each collection
+    _views_of: dict[str, dict[frozenset[str], None]] = field(factory=dict, repr=False)
     #: sinks that get this window's changes one by one, as they come (not in the batch)
     _solo: set[ChangeSink] = field(factory=set, repr=False)
     #: sinks with a subscription whose first live rows are checked (solo every window)
     _checked: set[ChangeSink] = field(factory=set, repr=False)
+    #: rows streamed and windows closed so far (how long a hand-over's check lasts)
+    rows: int = 0
+    windows: int = 0
 
     @property
     def settings(self) -> RealtimeSettings:
@@ -414,6 +424,7 @@ class DatabaseFeed:
                 if len(self._recent) > self.settings.dedupe_window:
                     self._recent.popitem(last=False)
         self.position = change.seq
+        self.rows += 1
         self.hub.rows_seen += 1
         # Live subscriptions first: one that goes live below, on this very row, must not
         # receive it (its reads delivered it).
@@ -450,10 +461,20 @@ class DatabaseFeed:
         self._window.append(change)
         self._window_bytes += len(change.payload)
         if self._solo:
-            for sink in list(self._solo):
-                sub = self._sink_subs.get(sink, _NO_SUBS).get(change.collection)
-                if sub is not None and sub.state == LIVE:
-                    self._guard(self._deliver_live, sub, change)
+            # The sinks served one by one that take this collection: found from the smaller
+            # side (a quiet feed may have many solo sinks, a busy collection many subscribers).
+            subs = self.live.get(change.collection)
+            if subs is None:
+                pass
+            elif len(subs) < len(self._solo):
+                for sub in [s for s in subs if s.sink in self._solo]:
+                    if sub.state == LIVE and sub.sink in self._solo:
+                        self._guard(self._deliver_live, sub, change)
+            else:
+                for sink in list(self._solo):
+                    sub = self._sink_subs.get(sink, _NO_SUBS).get(change.collection)
+                    if sub is not None and sub.state == LIVE:
+                        self._guard(self._deliver_live, sub, change)
         if self._window_bytes >= OUTBOX_FLUSH_BYTES:
             self.flush_window()
 
@@ -484,15 +505,20 @@ class DatabaseFeed:
             return
         self._window = []
         self._window_bytes = 0
+        self.windows += 1
         solo = self._solo
         if self._checked:
-            self._checked = {
-                sink
-                for sink in self._checked
-                if any(sub.seen for sub in self._sink_subs.get(sink, _NO_SUBS).values())
-            }
+            self._checked = {sink for sink in self._checked if self._still_checked(sink)}
         self._solo = set(self._checked)
-        for view, group in list(self._groups.items()):
+        # Only the sets of collections the window touches (not every socket's set).
+        touched = {c.collection for c in window}
+        views: dict[frozenset[str], None] = {}
+        for collection in touched:
+            views.update(self._views_of.get(cast(str, collection), _NO_VIEWS))
+        for view in views:
+            group = self._groups.get(view)
+            if not group:
+                continue
             payloads = [c.payload for c in window if c.collection in view]
             if not payloads:
                 continue
@@ -507,6 +533,24 @@ class DatabaseFeed:
                             sub, "internal", "The subscription failed; subscribe again with since."
                         )
 
+    def _still_checked(self, sink: ChangeSink) -> bool:
+        """Whether a subscription of ``sink`` still checks its first live rows against what
+        its reads delivered: until the feed has streamed ``page_size`` rows or closed
+        ``CHECK_WINDOWS`` windows since it went live (a quiet collection's check ends too)."""
+        checked = False
+        for sub in self._sink_subs.get(sink, _NO_SUBS).values():
+            if not sub.seen:
+                continue
+            rows, windows = sub.checked_from
+            if (
+                self.rows - rows > self.settings.page_size
+                or self.windows - windows >= CHECK_WINDOWS
+            ):
+                sub.seen.clear()
+            else:
+                checked = True
+        return checked
+
     def _join(self, sub: Subscription) -> None:
         """``sub`` (live now) joins its sink's set of collections."""
         sink = sub.sink
@@ -516,6 +560,7 @@ class DatabaseFeed:
         subs[sub.collection] = sub
         self._regroup(sink, subs)
         if sub.seen:
+            sub.checked_from = (self.rows, self.windows)
             self._checked.add(sink)
             self._solo.add(sink)  # settled before (or no window open): nothing skipped
 
@@ -537,10 +582,20 @@ class DatabaseFeed:
             del group[sink]
             if not group:
                 del self._groups[old]
+                for collection in old:
+                    views = self._views_of[collection]
+                    del views[old]
+                    if not views:
+                        del self._views_of[collection]
         if subs:
             view = frozenset(subs)
             self._views[sink] = view
-            self._groups.setdefault(view, {})[sink] = None
+            group = self._groups.get(view)
+            if group is None:
+                group = self._groups[view] = {}
+                for collection in view:
+                    self._views_of.setdefault(collection, {})[view] = None
+            group[sink] = None
 
     def _guard(
         self, step: Callable[[Subscription, Change], None], sub: Subscription, change: Change
@@ -569,8 +624,8 @@ class DatabaseFeed:
         assert self.position is not None
         if sub.since is None or sub.since == self.position:
             sub.ack_seq = self.position if sub.since is None else sub.since
-            self._go_live(sub)
-            sub.sink.subscribed(sub)
+            if self._go_live(sub):
+                sub.sink.subscribed(sub)
             return
         sub.ack_seq = sub.pos = sub.since
         sub.joined_at = self.position
@@ -605,14 +660,19 @@ class DatabaseFeed:
     def subscriptions(self) -> list[Subscription]:
         return [*self.catching_up, *(s for subs in self.live.values() for s in subs)]
 
-    def _go_live(self, sub: Subscription) -> None:
+    def _go_live(self, sub: Subscription) -> bool:
+        """``sub`` goes live (False: its socket went away while the window's changes were
+        handed to it, which ended ``sub``: it must not be revived)."""
         self.settle(sub.sink)  # the open window's changes are not the new subscription's
+        if sub.state == ENDED or sub.entry is not self:
+            return False
         self.catching_up.discard(sub)
         self._stop_waiting(sub)
         sub.state = LIVE
         sub.buffer_bytes = 0
         self.live.setdefault(sub.collection, set()).add(sub)
         self._join(sub)
+        return True
 
     def _buffer(self, sub: Subscription, change: Change) -> None:
         """A stream row while ``sub`` catches up: keep it, and see whether the reads meet it."""
@@ -663,7 +723,8 @@ class DatabaseFeed:
                     start = index + 1
                     break
         sub.buffer.clear()
-        self._go_live(sub)
+        if not self._go_live(sub):
+            return
         self.hub.handovers += 1
         for change in rows[start:]:
             if sub.state != LIVE:
@@ -717,6 +778,8 @@ class DatabaseFeed:
             results = [r for r in page.get("results") or [] if isinstance(r, dict) and "seq" in r]
             if results:
                 self.settle(sub.sink)  # the window's changes of its live ones go first
+                if sub.state != CATCHING_UP:
+                    return  # its socket went away meanwhile
             for row in results:
                 change = Change.from_row(row)
                 if change.collection != sub.collection or change.payload is None:
@@ -749,6 +812,7 @@ class DatabaseFeed:
 
 
 _NO_SUBS: dict[str, Subscription] = {}
+_NO_VIEWS: dict[frozenset[str], None] = {}
 
 
 def _seq(value: Any) -> str:
@@ -1014,6 +1078,11 @@ class RealtimeProtocol(WebSocketServerProtocol):
         self._queued_bytes = 0
         self._paused = False
         self._closing = False
+        #: _close is handing over the open windows before the close frame: a send queue that
+        #: overflows meanwhile drops the rest (it is discarded at the close anyway), and
+        #: the close keeps its code
+        self._final_settle = False
+        self._overflowed = False
         self._gone = False
         self._auth_timer: IDelayedCall | None = None
         self._expiry_timer: IDelayedCall | None = None
@@ -1214,13 +1283,16 @@ class RealtimeProtocol(WebSocketServerProtocol):
         self._auth_timer = None
         self._schedule_expiry()
         for collection, sub in list(self.subs.items()):
+            if self._closing:
+                return  # handing over the open window closed it (too slow)
             if not can_read(claims.scp, collection):
-                del self.subs[collection]
+                self.subs.pop(collection, None)
                 self.service.hub.unsubscribe(sub)
                 self._send_json(
                     {"type": "unsubscribed", "collection": collection, "reason": "scope"}
                 )
-        self._send_json({"type": "authenticated", "exp": claims.exp})
+        if not self._closing:
+            self._send_json({"type": "authenticated", "exp": claims.exp})
 
     def _handle_subscribe(self, message: dict[str, Any]) -> None:
         assert self.claims is not None and self.database is not None
@@ -1394,14 +1466,17 @@ class RealtimeProtocol(WebSocketServerProtocol):
                 entry.settle(self)
 
     def _push(self, payload: bytes) -> None:
-        if self._closing or self.state != WebSocketServerProtocol.STATE_OPEN:
+        if self._closing or self._overflowed or self.state != WebSocketServerProtocol.STATE_OPEN:
             return
         if self._paused or self._queue:
             count, size = len(self._queue), self._queued_bytes
             if count >= self.settings.queue_messages or (
                 count and size + len(payload) > self.settings.queue_bytes
             ):
-                self._too_slow()
+                if self._final_settle:
+                    self._overflowed = True  # closing already: the rest is dropped
+                else:
+                    self._too_slow()
                 return
             self._queue.append(payload)
             self._queued_bytes += len(payload)
@@ -1517,8 +1592,9 @@ class RealtimeProtocol(WebSocketServerProtocol):
 
     def _close(self, code: int, reason: str) -> None:
         """Close with ``code``; from now on nothing more is sent nor handled."""
-        if self._closing:
+        if self._closing or self._final_settle:
             return
+        self._final_settle = True
         self._settle_windows()
         self.flush_outbox()  # what was sent before the close goes before it
         self.close_code = code
