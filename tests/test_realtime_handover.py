@@ -27,6 +27,7 @@ from vibed.realtime import (
     CATCHING_UP,
     ENDED,
     LIVE,
+    CHECK_WINDOWS,
     Batch,
     FeedHub,
     RealtimeSettings,
@@ -447,3 +448,167 @@ def test_catch_up_rows_go_after_the_windows_changes_made_before_them() -> None:
     settle(db, clock)
     assert [m["id"] for m in sink.received] == ["n1", "t1", "t2"]
     assert resumed.state == LIVE
+
+
+@define(eq=False)
+class ClosingSink(Sink):
+    """A sink that, like a socket whose send queue overflows, goes away (ending all its
+    subscriptions) as soon as it is handed a change of ``close_on``."""
+
+    hub: FeedHub | None = None
+    close_on: str = "notes"
+    subs: list[Subscription] = field(factory=list)
+
+    def deliver(self, payload: bytes) -> None:
+        super().deliver(payload)
+        assert self.hub is not None
+        if json.loads(payload)["collection"] == self.close_on:
+            for sub in self.subs:
+                self.hub.unsubscribe(sub)
+
+
+def _no_trace_of(hub: FeedHub, sink: Sink) -> None:
+    entry = hub.feeds["db_x"]
+    assert not [s for subs in entry.live.values() for s in subs if s.sink is sink]
+    assert not [s for s in entry.catching_up if s.sink is sink]
+    assert sink not in entry._sink_subs and sink not in entry._views
+    assert not any(sink in group for group in entry._groups.values())
+
+
+def test_a_subscription_whose_socket_goes_away_while_settling_is_not_revived() -> None:
+    """A sink that goes away while the open window is handed to it (the delivery closes it,
+    ending its subscriptions) as it subscribes to another collection: the new subscription
+    stays ended, gets no ``subscribed``, holds no reference to the feed, and the sink is in
+    none of the feed's live sets or groups."""
+    clock = Clock()
+    db = FakeDB("db_x")
+    hub = FeedHub(FakeCouch(db), clock, RealtimeSettings())  # type: ignore[arg-type]
+    keeper = Sink()
+    run(hub, Subscription("db_x", "notes", keeper))
+    sink = ClosingSink(hub=hub)
+    first = Subscription("db_x", "notes", sink)
+    sink.subs.append(first)
+    run(hub, first)
+    db.write("notes", "n1")
+    assert db.feeds[0].step() and hub.feeds["db_x"].pending == 1
+    late = Subscription("db_x", "todos", sink)
+    sink.subs.append(late)
+    run(hub, late)
+    assert [m["id"] for m in sink.received] == ["n1"]
+    assert first.state == ENDED and late.state == ENDED and late.entry is None
+    assert len(sink.acks) == 1  # only the first subscription's
+    assert hub.feeds["db_x"].refs == 1  # the keeper's
+    _no_trace_of(hub, sink)
+    clock.advance(1)
+    assert [m["id"] for m in keeper.received] == ["n1"]
+    assert [m["id"] for m in sink.received] == ["n1"]
+
+
+def test_a_handed_over_subscription_whose_socket_goes_away_while_settling_is_not_revived() -> (
+    None
+):
+    """A resumed subscription handed over to the stream (the row its reads ended at arrives)
+    while the open window holds a change of its sink's live subscription, where handing
+    that change over closes the sink: the resumed subscription stays ended (not live, not
+    counted as a hand-over), and the feed keeps no trace of the sink."""
+    clock = Clock()
+    db = FakeDB("db_x")
+    hub = FeedHub(FakeCouch(db), clock, RealtimeSettings())  # type: ignore[arg-type]
+    db.write("todos", "t1")
+    keeper = Sink()
+    run(hub, Subscription("db_x", "notes", keeper))
+    sink = ClosingSink(hub=hub)
+    live = Subscription("db_x", "notes", sink)
+    sink.subs.append(live)
+    run(hub, live)
+    db.write("notes", "n1")  # not streamed yet
+    resumed = Subscription("db_x", "todos", sink, since="0")
+    sink.subs.append(resumed)
+    run(hub, resumed)
+    assert resumed.state == CATCHING_UP
+    assert db.answer_read()  # t1 and n1: the reads end at n1's seq, which the stream has not
+    assert [m["id"] for m in sink.received] == ["t1"] and resumed.state == CATCHING_UP
+    handovers = hub.handovers
+    assert db.feeds[0].step()  # n1: into the window, and it is where the reads ended
+    assert [m["id"] for m in sink.received] == ["t1", "n1"]
+    assert live.state == ENDED and resumed.state == ENDED and resumed.entry is None
+    assert hub.handovers == handovers
+    assert hub.feeds["db_x"].refs == 1
+    _no_trace_of(hub, sink)
+    clock.advance(1)
+    assert [m["id"] for m in keeper.received] == ["n1"]
+    assert [m["id"] for m in sink.received] == ["t1", "n1"]
+
+
+def test_a_handed_over_subscriptions_check_ends_on_a_quiet_collection() -> None:
+    """A resumed subscription whose first live rows are checked against what its reads
+    delivered (its sink served one by one) stops being checked after ``CHECK_WINDOWS``
+    batch windows of its feed even when its own collection stays quiet: its sink then gets
+    its changes in the shared batch again, and each change once."""
+    clock = Clock()
+    db = FakeDB("db_x")
+    hub = FeedHub(FakeCouch(db), clock, RealtimeSettings())  # type: ignore[arg-type]
+    db.write("quiet", "q1")
+    keeper = Sink()
+    run(hub, Subscription("db_x", "hot", keeper))
+    sink = Sink()
+    run(hub, Subscription("db_x", "hot", sink))
+    resumed = Subscription("db_x", "quiet", sink, since="0")
+    run(hub, resumed)
+    settle(db, clock)
+    assert resumed.state == LIVE and resumed.seen
+    entry = hub.feeds["db_x"]
+    assert sink in entry._checked
+    for i in range(CHECK_WINDOWS + 1):
+        db.write("hot", f"h{i}")
+        assert db.feeds[0].step()
+        clock.advance(1)
+    assert not resumed.seen and sink not in entry._checked and sink not in entry._solo
+    db.write("hot", "last")
+    db.write("quiet", "q2")
+    assert db.feeds[0].step() and db.feeds[0].step()
+    clock.advance(1)
+    hot = [f"h{i}" for i in range(CHECK_WINDOWS + 1)] + ["last"]
+    assert [m["id"] for m in keeper.received] == hot
+    assert [m["id"] for m in sink.received] == ["q1", *hot, "q2"]
+
+
+def test_feed_groups_are_indexed_by_collection() -> None:
+    """Sinks joining and leaving sets of collections keep the feed's index of groups by
+    collection exact (a window visits only the groups of its collections), and every sink
+    gets exactly the window's changes of its collections, in order."""
+    import random
+
+    rng = random.Random(7)
+    clock = Clock()
+    db = FakeDB("db_x")
+    hub = FeedHub(FakeCouch(db), clock, RealtimeSettings())  # type: ignore[arg-type]
+    names = ["a", "b", "c", "d"]
+    sinks = [Sink() for _ in range(12)]
+    subs: dict[tuple[int, str], Subscription] = {}
+    for _ in range(200):
+        k, name = rng.randrange(len(sinks)), rng.choice(names)
+        sub = subs.pop((k, name), None)
+        if sub is None:
+            sub = subs[(k, name)] = Subscription("db_x", name, sinks[k])
+            run(hub, sub)
+        else:
+            hub.unsubscribe(sub)
+        entry = hub.feeds.get("db_x")
+        if entry is not None:
+            expected: dict[str, set[frozenset[str]]] = {}
+            for view in entry._groups:
+                for collection in view:
+                    expected.setdefault(collection, set()).add(view)
+            assert {c: set(v) for c, v in entry._views_of.items()} == expected
+    for sink in sinks:
+        sink.received.clear()
+    for i in range(20):
+        db.write(rng.choice(names), f"x{i}")
+    settle(db, clock)
+    for k, sink in enumerate(sinks):
+        mine = {name for (j, name) in subs if j == k}
+        expected_ids = [
+            r.storage_id.split(":")[1] for r in db.rows[-20:] if r.storage_id.split(":")[0] in mine
+        ]
+        assert [m["id"] for m in sink.received] == expected_ids
