@@ -503,3 +503,102 @@ async def test_a_pending_batch_goes_before_a_resumed_subscriptions_rows(
     assert await take(keeper, 2) == ["change:n1", "change:live"]
     await close(client, keeper)
     assert len([m for m in client.inbox if m["type"] == "change"]) == 5
+
+
+# -- a slow socket whose send queue overflows while the window is handed to it -------------
+
+
+async def slow_socket_with_pending_window(
+    vibed: Any, service: Any, me: Any, client: Any
+) -> Any:
+    """Make the server side of ``client`` (subscribed to notes) stop sending, with one
+    answer in its send queue (limit 2) and two notes changes waiting in the open window:
+    handing the window to it overflows its queue. Returns the server socket."""
+    sock = server_socket(vibed, client)
+    sock._paused = True  # as the transport's producer does when the client stops reading
+    client.send({"type": "bogus"})  # its error answer waits in the send queue
+    await poll(lambda: sock.queued[0] == 1)
+    await put_doc(vibed.couch, me.db, "notes", "n1", {})
+    await put_doc(vibed.couch, me.db, "notes", "n2", {})
+    await in_window(service, me.db, 2)
+    assert sock.queued[0] == 1 and not sock._closing
+    return sock
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_close_keeps_its_code_when_the_final_hand_over_overflows(
+    make_vibed: VibedFactory,
+) -> None:
+    """A socket closed by the server (access revoked: 4004) while the open window holds more
+    for it than its send queue takes: the client sees 4004 (not an aborted connection, not
+    4008); what did not fit is dropped with the queue, as any close drops it."""
+    vibed = await make_vibed(realtime={"batch_ms": 60_000, "queue_messages": 2})
+    service = realtime_service(vibed)
+    me = await realtime_identity(vibed)
+    client = await connect_realtime(vibed, me.token)
+    await subscribe(client, "notes")
+    sock = await slow_socket_with_pending_window(vibed, service, me, client)
+    sock.revoked()
+    assert await client.wait_closed() == 4004
+    assert sock.close_code == 4004 and service.closed_too_slow == 0
+    assert me.db not in service.hub.feeds  # its subscription was the feed's only one
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_socket_closed_while_subscribing_keeps_no_live_subscription(
+    make_vibed: VibedFactory,
+) -> None:
+    """A slow socket that subscribes to another collection while the open window holds more
+    for it than its send queue takes is closed (4008), and the feed keeps none of its
+    subscriptions: not live, not in a batch group, not counted."""
+    vibed = await make_vibed(realtime={"batch_ms": 60_000, "queue_messages": 2})
+    service = realtime_service(vibed)
+    me = await realtime_identity(vibed)
+    keeper = await connect_realtime(vibed, me.token)
+    await subscribe(keeper, "notes")
+    client = await connect_realtime(vibed, me.token)
+    await subscribe(client, "notes")
+    sock = await slow_socket_with_pending_window(vibed, service, me, client)
+    client.send({"type": "subscribe", "collection": "todos"})
+    assert await client.wait_closed() == CLOSE_TOO_SLOW
+    entry = service.hub.feeds[me.db]
+    assert not [s for subs in entry.live.values() for s in subs if s.sink is sock]
+    assert not any(sock in group for group in entry._groups.values())
+    assert entry.refs == 1  # the keeper's
+    service.flush_batches()
+    assert await take(keeper, 2) == ["change:n1", "change:n2"]
+    await close(keeper)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_narrowing_token_on_a_slow_socket_closes_it_cleanly(
+    make_vibed: VibedFactory,
+) -> None:
+    """A fresh token with narrower scopes sent by a slow socket whose queue overflows as the
+    open window is handed to it on the first lost subscription: the socket is closed as too
+    slow (4008), nothing fails inside vibed (no error logged), and no subscription of it
+    stays in the feed."""
+    from twisted.logger import globalLogPublisher
+
+    failures: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        vibed = await make_vibed(realtime={"batch_ms": 60_000, "queue_messages": 2})
+        service = realtime_service(vibed)
+        me = await realtime_identity(vibed)
+        client = await connect_realtime(vibed, me.token)
+        await subscribe(client, "notes")
+        await subscribe(client, "todos")
+        await slow_socket_with_pending_window(vibed, service, me, client)
+        narrow, _ = vibed.parts.issuer.issue_access(me.idn, ["data:read:other"])
+        client.send({"type": "auth", "token": narrow})
+        assert await client.wait_closed() == CLOSE_TOO_SLOW
+        assert me.db not in service.hub.feeds
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert [str(e["log_failure"].value) for e in failures] == []
