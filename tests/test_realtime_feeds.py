@@ -508,9 +508,7 @@ async def test_a_pending_batch_goes_before_a_resumed_subscriptions_rows(
 # -- a slow socket whose send queue overflows while the window is handed to it -------------
 
 
-async def slow_socket_with_pending_window(
-    vibed: Any, service: Any, me: Any, client: Any
-) -> Any:
+async def slow_socket_with_pending_window(vibed: Any, service: Any, me: Any, client: Any) -> Any:
     """Make the server side of ``client`` (subscribed to notes) stop sending, with one
     answer in its send queue (limit 2) and two notes changes waiting in the open window:
     handing the window to it overflows its queue. Returns the server socket."""

@@ -25,9 +25,9 @@ from vibed.couch.errors import CouchBadRequest, CouchUnavailable
 from vibed.layout import TAG
 from vibed.realtime import (
     CATCHING_UP,
+    CHECK_WINDOWS,
     ENDED,
     LIVE,
-    CHECK_WINDOWS,
     Batch,
     FeedHub,
     RealtimeSettings,
@@ -504,9 +504,7 @@ def test_a_subscription_whose_socket_goes_away_while_settling_is_not_revived() -
     assert [m["id"] for m in sink.received] == ["n1"]
 
 
-def test_a_handed_over_subscription_whose_socket_goes_away_while_settling_is_not_revived() -> (
-    None
-):
+def test_a_handed_over_subscription_whose_socket_goes_away_while_settling_is_not_revived() -> None:
     """A resumed subscription handed over to the stream (the row its reads ended at arrives)
     while the open window holds a change of its sink's live subscription, where handing
     that change over closes the sink: the resumed subscription stays ended (not live, not

@@ -463,13 +463,11 @@ class DatabaseFeed:
         if self._solo:
             # The sinks served one by one that take this collection: found from the smaller
             # side (a quiet feed may have many solo sinks, a busy collection many subscribers).
-            subs = self.live.get(change.collection)
-            if subs is None:
-                pass
-            elif len(subs) < len(self._solo):
-                for sub in [s for s in subs if s.sink in self._solo]:
-                    if sub.state == LIVE and sub.sink in self._solo:
-                        self._guard(self._deliver_live, sub, change)
+            subscribers = self.live.get(change.collection) or set()
+            if len(subscribers) < len(self._solo):
+                for one in [s for s in subscribers if s.sink in self._solo]:
+                    if one.state == LIVE and one.sink in self._solo:
+                        self._guard(self._deliver_live, one, change)
             else:
                 for sink in list(self._solo):
                     sub = self._sink_subs.get(sink, _NO_SUBS).get(change.collection)
@@ -590,12 +588,12 @@ class DatabaseFeed:
         if subs:
             view = frozenset(subs)
             self._views[sink] = view
-            group = self._groups.get(view)
-            if group is None:
-                group = self._groups[view] = {}
+            members = self._groups.get(view)
+            if members is None:
+                members = self._groups[view] = {}
                 for collection in view:
                     self._views_of.setdefault(collection, {})[view] = None
-            group[sink] = None
+            members[sink] = None
 
     def _guard(
         self, step: Callable[[Subscription, Change], None], sub: Subscription, change: Change
