@@ -71,22 +71,27 @@ def wire(transport: StringTransport) -> bytes:
     return _DATE.sub(b"\r\nDate: -\r\n", transport.value())
 
 
+def count_taken(channel: Any) -> list[int]:
+    """A one-item list counting the requests the one-pass parse takes on ``channel``."""
+    taken = [0]
+    original = channel._whole_request
+
+    def counting(chunk: bytes) -> bool:
+        result = bool(original(chunk))
+        taken[0] += result
+        return result
+
+    channel._whole_request = counting
+    return taken
+
+
 def whole(data: bytes) -> tuple[bytes, bool, int]:
     """The answer to ``data`` sent in one piece, whether the connection is closing, and how
     many requests the one-pass parse took."""
     channel, transport = connect()
-    taken = 0
-    original = channel._whole_request
-
-    def counting(chunk: bytes) -> bool:
-        nonlocal taken
-        result = bool(original(chunk))
-        taken += result
-        return result
-
-    channel._whole_request = counting
+    taken = count_taken(channel)
     channel.dataReceived(data)
-    return wire(transport), transport.disconnecting, taken
+    return wire(transport), transport.disconnecting, taken[0]
 
 
 def trickled(data: bytes) -> tuple[bytes, bool]:
@@ -198,21 +203,12 @@ def test_keep_alive_requests_one_after_another_are_all_taken() -> None:
     """On a keep-alive connection every whole request is taken in turn, and each answer is
     its own."""
     channel, transport = connect()
-    taken = 0
-    original = channel._whole_request
-
-    def counting(chunk: bytes) -> bool:
-        nonlocal taken
-        result = bool(original(chunk))
-        taken += result
-        return result
-
-    channel._whole_request = counting
+    taken = count_taken(channel)
     for i in range(5):
         transport.clear()
         channel.dataReceived(b"GET /n/%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
         assert json.loads(transport.value().split(b"\r\n\r\n", 1)[1])["uri"] == f"/n/{i}"
-    assert taken == 5
+    assert taken == [5]
     assert isinstance(channel, VibeChannel) and not transport.disconnecting
 
 
