@@ -43,7 +43,7 @@ MAX_AGE = b"600"
 def allowed(path: bytes) -> bool:
     """Whether ``path`` (no query, as sent) may be called from any origin. Decided on the
     percent-decoded path, the one the router matches: ``/me/%6Bey`` is ``/me/key``."""
-    if b"%" in path:
+    if path.find(b"%") >= 0:  # (not ``in``: see vibed.web's requestReceived)
         path = unquote_to_bytes(path)
     if path.startswith(EXCLUDED):
         return False

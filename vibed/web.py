@@ -175,14 +175,16 @@ class VibeRequest(Request):
         # A type that cannot name a form (a JSON body's) skips that; forms are decoded as ever.
         if command == b"POST" and self._parsePOSTFormSubmission:
             ctype = self.requestHeaders._rawHeaders.get(b"Content-Type")
-            if ctype and b"form" not in ctype[0].lower() and b"=?" not in ctype[0]:
+            # (``find``, not ``in``: a bytes ``in`` first tries its operand as an integer,
+            # and the TypeError it makes and drops costs more than the search.)
+            if ctype and ctype[0].lower().find(b"form") < 0 and ctype[0].find(b"=?") < 0:
                 self._parsePOSTFormSubmission = False
         super().requestReceived(command, path, version)
 
     def _url_is_utf8(self) -> bool:
         path = self.path
         host = self.requestHeaders._rawHeaders.get(b"Host")
-        if path.isascii() and b"%" not in path and (not host or host[-1].isascii()):
+        if path.isascii() and path.find(b"%") < 0 and (not host or host[-1].isascii()):
             return True  # the usual case: nothing to decode
         try:
             unquote(path).decode("utf-8")
@@ -505,7 +507,7 @@ class VibeChannel(HTTPChannel):
             return False
         head = data[:end]
         bare = head.replace(b"\r\n", b"")
-        if b"\r" in bare or b"\n" in bare or b"\x00" in bare:
+        if bare.find(b"\r") >= 0 or bare.find(b"\n") >= 0 or bare.find(b"\x00") >= 0:
             return False
         lines = head.split(b"\r\n")
         if len(lines) - 1 > self.maxHeaders or len(bare) > self.totalHeadersSize:
@@ -846,6 +848,19 @@ class _Counted(ProtocolWrapper):
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self.factory.release(self.address)
         super().connectionLost(reason)
+
+    # The HTTP channel resumes its producer (this wrapper) after every request; without
+    # these, ProtocolWrapper's ``__getattr__`` finds them on the transport only after an
+    # AttributeError is made and dropped, each time.
+
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted API)
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:  # noqa: N802 (Twisted API)
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:  # noqa: N802 (Twisted API)
+        self.transport.stopProducing()
 
 
 class _Refuse(Protocol):
