@@ -80,37 +80,96 @@ class DirectRoutes:
         return self._run(request, handler, args)
 
     def _run(self, request: IRequest, handler: Handler, args: tuple[str, ...]) -> Any:
-        finished = False
-        answering: Deferred[bytes] = Deferred.fromCoroutine(handler(request, *args))
+        _Answer(request, handler(request, *args))
+        return NOT_DONE_YET
 
-        def gone(failure: Failure) -> None:
-            nonlocal finished
-            finished = True
-            answering.cancel()  # the client went away: stop working for it
 
-        def done(_: object) -> None:
-            nonlocal finished
-            finished = True
+class _Answer:
+    """One request's answer on a document route.
 
-        cast(Any, request).notifyFinish().addCallbacks(done, gone)
+    It drives the handler's coroutine itself, where ``Deferred.fromCoroutine`` would wrap it
+    in a Deferred, copy a context and run a Deferred's callback chain for each await; and it
+    is told of the request's end by being one of the request's notifications, where
+    ``notifyFinish`` would make another Deferred. The handlers await only Deferreds (the
+    CouchDB client's answers): each one awaited is resumed from by one callback. When the
+    client goes away first, the Deferred being awaited is cancelled (the handler meets
+    ``CancelledError``) and whatever it answers is dropped, as before."""
 
-        def write(body: bytes | None) -> None:
-            if finished:
-                return
+    __slots__ = ("request", "coro", "waiting", "finished")
+
+    def __init__(self, request: IRequest, coro: Coroutine[Any, Any, bytes]) -> None:
+        self.request = request
+        self.coro = coro
+        self.waiting: Deferred[Any] | None = None
+        self.finished = False
+        notifications = getattr(request, "notifications", None)
+        if isinstance(notifications, list):  # twisted.web's Request: told on its end
+            notifications.append(self)
+        else:
+            cast(Any, request).notifyFinish().addCallbacks(self.callback, self.errback)
+        self.step()
+
+    # -- what the request tells its notifications (a Deferred's callback and errback) ----
+
+    def callback(self, _: object) -> None:
+        """The answer went out."""
+        self.finished = True
+
+    def errback(self, _: object) -> None:
+        """The connection was lost first: stop working for the client."""
+        self.finished = True
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            waiting.cancel()
+
+    # -- the handler ---------------------------------------------------------------------
+
+    def step(self, result: object = None) -> None:
+        """Run the handler to its next await, or to its end: the awaited Deferred's result
+        is what its ``await`` returns, its failure what it raises (as ``inlineCallbacks``
+        does: thrown in, since the Deferred is still running its callbacks)."""
+        self.waiting = None
+        try:
+            if isinstance(result, Failure):
+                awaited = result.throwExceptionIntoGenerator(cast(Any, self.coro))
+            else:
+                awaited = self.coro.send(result)
+        except StopIteration as done:
+            self.write(done.value)
+            return None
+        except BaseException:
+            self.failed(Failure())
+            return None
+        if not isinstance(awaited, Deferred):
+            self.coro.close()
+            self.failed(Failure(TypeError(f"a document route awaited {type(awaited)!r}")))
+            return None
+        self.waiting = awaited
+        awaited.addBoth(self.step)  # returns None: the result was the handler's to take
+        return None
+
+    def write(self, body: bytes | None) -> None:
+        if self.finished:
+            return
+        request: Any = self.request
+        try:
             if body:
-                channel = cast(Any, request).channel
+                channel = request.channel
                 if isinstance(channel, VibeChannel):
                     channel.vibe_whole_answer = True  # the head goes out with the body
                 request.write(body)
             request.finish()
+        except Exception:
+            _log.failure("writing an answer")
 
-        def failed(failure: Failure) -> None:
-            if finished:
-                if not failure.check(CancelledError):
-                    _log.failure("after the client went away", failure)
-                return
-            write(answer_failure(request, failure))
-
-        answering.addCallbacks(write, failed)
-        answering.addErrback(lambda f: _log.failure("writing an answer", f))
-        return NOT_DONE_YET
+    def failed(self, failure: Failure) -> None:
+        if self.finished:
+            if not failure.check(CancelledError):
+                _log.failure("after the client went away", failure)
+            return
+        try:
+            answer = answer_failure(self.request, failure)
+        except Exception:
+            _log.failure("answering a failure")
+            return
+        self.write(answer)

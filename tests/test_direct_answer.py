@@ -1,0 +1,137 @@
+"""The document routes' own coroutine driver (vibed.api.direct._Answer): an answer goes out
+once the awaited CouchDB call answers, a failure becomes its problem+json, and a client that
+goes away first cancels the call being awaited and gets nothing written, with nothing
+logged as a failure."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyChannel
+
+from vibed.api.direct import DirectRoutes
+from vibed.api.http import json_response
+from vibed.errors import NotFound
+from vibed.web import VibeRequest
+
+
+class FakeData:
+    """The handlers DirectRoutes takes from DataAPI; the document GET awaits ``pending``."""
+
+    def __init__(self) -> None:
+        self.pending: list[Deferred[Any]] = []
+        self.seen: list[object] = []
+
+    async def get_document(self, request: Any, collection: str, doc_id: str) -> bytes:
+        first: Deferred[Any] = Deferred()
+        self.pending.append(first)
+        try:
+            value = await first
+            self.seen.append(value)
+            second: Deferred[Any] = Deferred()
+            self.pending.append(second)
+            more = await second
+        except BaseException as e:
+            self.seen.append(type(e))
+            raise
+        return json_response(request, {"collection": collection, "id": doc_id, "v": [value, more]})
+
+    list_documents = create_document = put_document = delete_document = get_document
+
+
+CHANNELS: dict[int, Any] = {}
+
+
+def start(data: FakeData, path: bytes = b"/data/notes/a1") -> VibeRequest:
+    channel = DummyChannel()
+    request = VibeRequest(channel, False)
+    CHANNELS[id(request)] = channel  # the request lets go of its channel once finished
+    request.method = b"GET"
+    request.uri = request.path = path
+    request.clientproto = b"HTTP/1.1"
+    routes = DirectRoutes(data, Resource())  # type: ignore[arg-type]
+    assert routes.render(request) is NOT_DONE_YET
+    return request
+
+
+def written(request: VibeRequest) -> bytes:
+    sent = CHANNELS[id(request)].transport.written.getvalue()
+    return b"".join(sent.split(b"\r\n\r\n", 1)[1:])
+
+
+@pytest.fixture
+def logged() -> Any:
+    """Every event logged meanwhile."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def failures(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e.get("log_failure") is not None]
+
+
+def test_the_answer_goes_out_after_each_await(logged: list[Any]) -> None:
+    data = FakeData()
+    request = start(data)
+    assert not request.finished
+    data.pending[0].callback("one")
+    assert data.seen == ["one"] and not request.finished
+    data.pending[1].callback("two")
+    assert request.finished
+    assert json.loads(written(request)) == {"collection": "notes", "id": "a1", "v": ["one", "two"]}
+    assert failures(logged) == []
+
+
+def test_an_already_answered_call_is_taken_at_once() -> None:
+    class Ready(FakeData):
+        async def get_document(self, request: Any, collection: str, doc_id: str) -> bytes:
+            from twisted.internet.defer import succeed
+
+            value = await succeed("now")
+            return json_response(request, {"v": value})
+
+    request = start(Ready())
+    assert request.finished and json.loads(written(request)) == {"v": "now"}
+
+
+def test_a_failure_is_raised_in_the_handler_and_answered_as_a_problem(
+    logged: list[Any],
+) -> None:
+    data = FakeData()
+    request = start(data)
+    data.pending[0].errback(NotFound("No such document."))
+    assert data.seen == [NotFound]
+    assert request.finished and request.code == 404
+    assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/problem+json"]
+    assert json.loads(written(request))["detail"] == "No such document."
+    assert failures(logged) == []
+
+
+def test_a_bug_is_a_500_problem_and_logged(logged: list[Any]) -> None:
+    data = FakeData()
+    request = start(data)
+    data.pending[0].errback(ZeroDivisionError("bug"))
+    assert request.finished and request.code == 500
+    assert b"ZeroDivisionError" not in written(request)
+    assert failures(logged)  # the bug is in the daemon log
+
+
+def test_a_client_that_goes_away_cancels_the_call_and_gets_nothing(logged: list[Any]) -> None:
+    data = FakeData()
+    request = start(data)
+    data.pending[0].callback("one")
+    request.connectionLost(Failure(ConnectionLost()))
+    assert data.seen == ["one", CancelledError]  # the awaited call was cancelled
+    assert data.pending[1].called  # (by its cancel)
+    assert written(request) == b"" and not request.finished
+    assert failures(logged) == []  # a cancel after the client left is not a failure
