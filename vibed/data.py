@@ -146,23 +146,23 @@ def new_doc_id() -> str:
 
 
 def check_collection(name: object) -> str:
-    if not layout.valid_collection(name):
+    if not isinstance(name, str) or not layout.valid_collection(name):
         raise BadRequest(
             "Collection names are 1 to 64 characters: a lowercase letter, then lowercase "
             "letters, digits, '_' or '-'.",
             slug="invalid-collection",
         )
-    return cast(str, name)
+    return name
 
 
 def check_doc_id(doc_id: object) -> str:
-    if not layout.valid_doc_id(doc_id):
+    if not isinstance(doc_id, str) or not layout.valid_doc_id(doc_id):
         raise BadRequest(
             "Document ids are 1 to 200 characters: a letter or digit, then letters, digits, "
             "'.', '_', '~' or '-'.",
             slug="invalid-id",
         )
-    return cast(str, doc_id)
+    return doc_id
 
 
 def check_rev(rev: object) -> str:

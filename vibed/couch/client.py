@@ -569,11 +569,15 @@ class CouchDatabase:
                 info[key] = _seq(info[key])
         return info
 
+    # (The answers are annotated, not ``cast``: in Python 3.11 a cast is a function call, and
+    # these run on every request.)
+
     async def get(self, docid: str, *, rev: str | None = None) -> dict[str, Any]:
         """The document ``docid`` (at ``rev`` if given); CouchNotFound if missing or deleted."""
         params = {"rev": rev} if rev is not None else {}
         path = f"{self._path}/{_doc_path(docid)}"
-        return cast(dict[str, Any], await self.server.request("GET", path, params=params))
+        answer: dict[str, Any] = await self.server.request("GET", path, params=params)
+        return answer
 
     async def put(self, doc: dict[str, Any]) -> dict[str, Any]:
         """Write ``doc`` under its ``_id`` (with ``_rev`` to update); ``{ok, id, rev}``.
@@ -583,16 +587,19 @@ class CouchDatabase:
         if "_id" not in doc:
             raise CouchBadRequest(400, "bad_request", "Document must have an _id.")
         path = f"{self._path}/{_doc_path(doc['_id'])}"
-        return cast(dict[str, Any], await self.server.request("PUT", path, body=doc))
+        answer: dict[str, Any] = await self.server.request("PUT", path, body=doc)
+        return answer
 
     async def post(self, doc: dict[str, Any]) -> dict[str, Any]:
         """Create ``doc`` with a server-chosen id unless it has one; ``{ok, id, rev}``."""
-        return cast(dict[str, Any], await self.server.request("POST", self._path, body=doc))
+        answer: dict[str, Any] = await self.server.request("POST", self._path, body=doc)
+        return answer
 
     async def delete(self, docid: str, rev: str) -> dict[str, Any]:
         """Delete revision ``rev`` of ``docid``; ``{ok, id, rev}`` of the tombstone."""
         path = f"{self._path}/{_doc_path(docid)}"
-        return cast(dict[str, Any], await self.server.request("DELETE", path, params={"rev": rev}))
+        answer: dict[str, Any] = await self.server.request("DELETE", path, params={"rev": rev})
+        return answer
 
     async def bulk_docs(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``POST _bulk_docs``: one result per doc, in order; per-doc errors are in them."""
