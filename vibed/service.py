@@ -22,7 +22,7 @@ from agent_bridge.api import AgentBridge
 from vibed.api.apps import AppsAPI, make_apps, web_dir
 from vibed.api.auth import AuthAPI
 from vibed.api.data import make_data_api
-from vibed.api.direct import DirectRoutes
+from vibed.api.direct import DirectRoutes, LeanDirectRoutes
 from vibed.api.me import make_me
 from vibed.api.root import VibeAPI
 from vibed.api.site import make_site
@@ -105,14 +105,14 @@ class Components:
     def site(self) -> AddressLimit:
         """The factory to listen with: the site, behind the per-address connection cap."""
         routes = DirectRoutes(self.api.data, self.api.resource())
-        return AddressLimit(
-            VibeSite(
-                CORSResource(routes),
-                self.body_policies,
-                self.config.access_log,
-                self.config.connection_limits,
-            )
+        site = VibeSite(
+            CORSResource(routes),
+            self.body_policies,
+            self.config.access_log,
+            self.config.connection_limits,
         )
+        site.lean_routes = LeanDirectRoutes(routes, cors=True)
+        return AddressLimit(site)
 
 
 def build(

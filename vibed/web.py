@@ -16,6 +16,7 @@ proxies, which carry many clients, are exempt and must enforce it themselves).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -23,16 +24,20 @@ import sys
 import time
 from collections.abc import Callable
 from typing import IO, Any, cast
+from typing import Protocol as TypingProtocol
 
 from attrs import define, frozen
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import FileLogObserver, Logger, formatTime, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.http import (
+    NO_BODY_CODES,
+    RESPONSES,
     HTTPChannel,
     _escape,
     _IdentityTransferDecoder,
@@ -353,6 +358,166 @@ _canonical_names: dict[bytes | str, bytes] = _nameEncoder._canonicalHeaderCache
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\xb0]+) (HTTP/1\.[01])\Z")
 
 
+class LeanRoutes(TypingProtocol):
+    """What a site answers on the lean path (:class:`LeanRequest`): vibed.api.direct's."""
+
+    def match(self, method: bytes, path: bytes) -> Any:
+        """Something to hand to :meth:`start` for this request, or None: not ours."""
+
+    def start(self, request: LeanRequest, route: Any) -> None:
+        """Answer ``request`` (its ``finish`` is called once the answer is written)."""
+
+
+#: The methods the lean path takes (HEAD, OPTIONS and the rest keep twisted.web's answers).
+_LEAN_METHODS = frozenset((b"GET", b"POST", b"PUT", b"DELETE"))
+
+
+class LeanRequest:
+    """A request answered without twisted.web's ``Request``: the usual request to a document
+    route, taken whole by :meth:`VibeChannel._whole_request` (HTTP/1.1, kept alive, no query
+    string, no ``Connection`` header, a body within the default limit and not a form).
+
+    twisted.web's Request builds and tears down some forty attributes, two header objects,
+    a resource traversal and its own bookkeeping for every request; this is what the route
+    handlers, the error answers and the access log use of it, with the same meaning, and it
+    writes the same bytes (tests/test_lean_request.py compares the two on the wire).
+    Everything else about the connection (timers, keep-alive, pipelined bytes, the end of
+    the request) stays the channel's own code."""
+
+    __slots__ = (
+        "channel",
+        "method",
+        "uri",
+        "path",
+        "clientproto",
+        "requestHeaders",
+        "responseHeaders",
+        "content",
+        "args",
+        "code",
+        "code_message",
+        "sentLength",
+        "startedWriting",
+        "finished",
+        "notifications",
+        "_disconnected",
+    )
+
+    def __init__(
+        self,
+        channel: VibeChannel,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+        body: bytes,
+        answer_headers: dict[bytes, list[bytes]],
+    ) -> None:
+        self.channel: VibeChannel | None = channel
+        self.method = method
+        self.uri = self.path = path
+        self.clientproto = b"HTTP/1.1"
+        self.requestHeaders = headers
+        self.responseHeaders = Headers()
+        self.responseHeaders._rawHeaders = answer_headers
+        self.content: io.BytesIO | None = io.BytesIO(body)
+        self.args: dict[bytes, list[bytes]] = {}
+        self.code = 200
+        self.code_message = b"OK"
+        self.sentLength = 0
+        self.startedWriting = False
+        self.finished = False
+        self.notifications: list[Any] = []
+        self._disconnected = False
+
+    # -- what the handlers ask (twisted.web's Request meanings) ------------------------------
+
+    def getHeader(self, key: bytes) -> bytes | None:  # noqa: N802 (Twisted API)
+        raw = self.requestHeaders._rawHeaders
+        values = raw.get(_canonical_names.get(key) or key)
+        if values is None and key not in _canonical_names:
+            values = raw.get(_nameEncoder.encode(key))  # a name not seen before
+        return values[-1] if values else None
+
+    def getClientAddress(self) -> Any:  # noqa: N802 (Twisted API)
+        channel = self.channel
+        return channel.getPeer() if channel is not None else None
+
+    setHeader = VibeRequest.setHeader  # names no server version  # noqa: N815
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:  # noqa: N802
+        self.code = code
+        self.code_message = (
+            message if message is not None else RESPONSES.get(code, b"Unknown Status")
+        )
+
+    def notifyFinish(self) -> Deferred[None]:  # noqa: N802 (Twisted API)
+        finished: Deferred[None] = Deferred()
+        self.notifications.append(finished)
+        return finished
+
+    # -- the answer ----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """The head and ``data`` in one send. An answer is written once, whole, with its
+        Content-Length (the handlers' ``json_response`` and problems give it); if none was
+        set, it is ``data``'s length."""
+        if self.finished:
+            raise RuntimeError("LeanRequest.write after finish")
+        if self._disconnected or self.channel is None:
+            return
+        raw = self.responseHeaders._rawHeaders
+        if self.startedWriting:
+            raise RuntimeError("LeanRequest answers in one write")
+        self.startedWriting = True
+        code = self.code
+        no_body = code in NO_BODY_CODES
+        length = raw.get(b"Content-Length")
+        if not no_body and b"Content-Type" not in raw and not (length and length[0] == b"0"):
+            raw[b"Content-Type"] = [b"text/html"]  # twisted.web's default, as it would add
+        if length is None and not no_body:
+            raw[b"Content-Length"] = [b"%d" % len(data)]
+        head = [b"HTTP/1.1 %d " % code, self.code_message, b"\r\n"]
+        for name, values in raw.items():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        if not no_body:
+            head.append(data)
+            self.sentLength += len(data)
+        send_now(self.channel.transport, b"".join(head))
+
+    def finish(self) -> None:
+        if self._disconnected:
+            raise RuntimeError("LeanRequest.finish after its connection was lost")
+        if self.finished:
+            return
+        if not self.startedWriting:
+            self.write(b"")
+        channel: Any = self.channel
+        assert channel is not None
+        site = channel.site
+        if site is not None:
+            site.log(self)
+        self.finished = True
+        channel.requestDone(self)
+        self.channel = None
+        if self.content is not None:
+            self.content.close()
+            self.content = None
+        notifications, self.notifications = self.notifications, []
+        for waiting in notifications:
+            waiting.callback(None)
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 (Twisted API)
+        self._disconnected = True
+        self.channel = None
+        if self.content is not None:
+            self.content.close()
+        notifications, self.notifications = self.notifications, []
+        for waiting in notifications:
+            waiting.errback(reason)
+
+
 class VibeChannel(HTTPChannel):
     """An HTTPChannel that closes connections which do not make progress (module docstring)."""
 
@@ -549,6 +714,10 @@ class VibeChannel(HTTPChannel):
             return False
         # From here on, what lineReceived, headerReceived and the identity decoder do.
         self.resetTimeout()
+        lean = self._lean_route(command, path, version, headers, length)
+        if lean is not None:
+            self._answer_lean(command, path, headers, body, lean)
+            return True
         factory = self.requestFactory
         if INonQueuedRequestFactory.providedBy(factory):
             request = factory(self)
@@ -578,6 +747,68 @@ class VibeChannel(HTTPChannel):
             return True
         self.rawDataReceived(body)
         return True
+
+    def _lean_route(
+        self,
+        command: bytes,
+        path: bytes,
+        version: bytes,
+        headers: dict[bytes, list[bytes]],
+        length: int,
+    ) -> Any:
+        """(routes, route) to answer this whole request on the lean path, or None (twisted.web's
+        Request then takes it, as it takes anything not plain: see :class:`LeanRequest`)."""
+        site: Any = getattr(self, "site", None)
+        routes: LeanRoutes | None = getattr(site, "lean_routes", None)
+        if (
+            routes is None
+            or version != b"HTTP/1.1"
+            or command not in _LEAN_METHODS
+            or b"Connection" in headers
+            or length > DEFAULT_BODY_LIMIT
+        ):
+            return None
+        host = headers.get(b"Host")
+        if host and not host[-1].isascii():
+            return None  # VibeRequest's own 400 for a URL that is not UTF-8
+        if command == b"POST":
+            ctype = headers.get(b"Content-Type")
+            if ctype and (ctype[0].lower().find(b"form") >= 0 or ctype[0].find(b"=?") >= 0):
+                return None  # twisted.web may read it as a form, into the query arguments
+        policies = site.body_policies
+        if policies and path.startswith(tuple(policies)):
+            return None
+        route = routes.match(command, path)
+        return None if route is None else (routes, route)
+
+    def _answer_lean(
+        self,
+        command: bytes,
+        path: bytes,
+        headers: dict[bytes, list[bytes]],
+        body: bytes,
+        route: Any,
+    ) -> None:
+        """What allHeadersReceived and allContentReceived do for a request with nothing more
+        to come, then the route's answer, on a :class:`LeanRequest`."""
+        received = Headers()
+        received._rawHeaders = headers
+        answer = {name: [value] for name, value in _PROCESS_HEADERS}
+        answer[b"Date"] = [http_date()]
+        request = LeanRequest(self, command, path, received, body, answer)
+        self.requests.append(request)
+        self.length = 0
+        self._receivedHeaderCount = 0
+        self._receivedHeaderSize = 0
+        self._transferDecoder = None
+        self._disarm()
+        self._vibe_phase = "handling"
+        if self.timeOut:
+            self._savedTimeOut = self.setTimeout(None)
+        self._handlingRequest = True
+        self.setRawMode()  # bytes arriving meanwhile wait in _dataBuffer (twisted's way)
+        routes, matched = route
+        routes.start(request, matched)
 
     def allHeadersReceived(self) -> None:  # noqa: N802
         self._disarm()
@@ -687,6 +918,8 @@ class VibeSite(Site):
         #: A daemon log elsewhere (a daemonized twistd's twistd.log, syslog, a test's
         #: observer) still gets one log event per request.
         self.access_log = access_log
+        #: Routes answered on the lean path (:class:`LeanRequest`), if any.
+        self.lean_routes: LeanRoutes | None = None
         self._lines: AccessLines | None = None
         self._prefix = ""  # before each gathered line: the daemon log's own line prefix
 

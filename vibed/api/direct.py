@@ -24,12 +24,13 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from vibed.cors import EXPOSE_HEADERS, allowed
 from vibed.errors import answer_failure
-from vibed.web import VibeChannel
+from vibed.web import ALLOW_ORIGIN, EXPOSE, LeanRequest, VibeChannel, set_clean_header
 
 from .data import DataAPI
 
-__all__ = ["DirectRoutes"]
+__all__ = ["DirectRoutes", "LeanDirectRoutes"]
 
 _log = Logger(namespace="vibed.api.direct")
 
@@ -82,6 +83,37 @@ class DirectRoutes:
     def _run(self, request: IRequest, handler: Handler, args: tuple[str, ...]) -> Any:
         _Answer(request, handler(request, *args))
         return NOT_DONE_YET
+
+
+class LeanDirectRoutes:
+    """The same routes for the channel's lean path (:class:`vibed.web.LeanRequest`): a whole
+    request the channel parsed, answered without twisted.web's Request. ``cors``: the site
+    puts these routes behind :class:`vibed.cors.CORSResource`, whose headers every answer
+    then carries first, as it would add them."""
+
+    def __init__(self, routes: DirectRoutes, *, cors: bool) -> None:
+        self.routes = routes
+        self.cors = cors
+
+    def match(self, method: bytes, path: bytes) -> tuple[Handler, tuple[str, ...]] | None:
+        match = _ROUTE.match(path) if path.startswith(b"/data/") else None
+        if match is None:
+            return None
+        collection, doc_id = match.groups()
+        if doc_id is None:
+            handler = self.routes._collection.get(method)
+            args: tuple[str, ...] = (collection.decode("ascii"),)
+        else:
+            handler = self.routes._document.get(method)
+            args = (collection.decode("ascii"), doc_id.decode("ascii"))
+        return None if handler is None else (handler, args)
+
+    def start(self, request: LeanRequest, route: tuple[Handler, tuple[str, ...]]) -> None:
+        if self.cors and allowed(request.path):
+            set_clean_header(request, ALLOW_ORIGIN, b"*")
+            set_clean_header(request, EXPOSE, EXPOSE_HEADERS)
+        handler, args = route
+        _Answer(cast(IRequest, request), handler(request, *args))
 
 
 class _Answer:
@@ -155,7 +187,7 @@ class _Answer:
         try:
             if body:
                 channel = request.channel
-                if isinstance(channel, VibeChannel):
+                if isinstance(channel, VibeChannel) and not isinstance(request, LeanRequest):
                     channel.vibe_whole_answer = True  # the head goes out with the body
                 request.write(body)
             request.finish()
