@@ -135,3 +135,47 @@ def test_a_client_that_goes_away_cancels_the_call_and_gets_nothing(logged: list[
     assert data.pending[1].called  # (by its cancel)
     assert written(request) == b"" and not request.finished
     assert failures(logged) == []  # a cancel after the client left is not a failure
+
+
+def test_cancelled_while_the_client_is_here_is_a_503_not_an_empty_200(logged: list[Any]) -> None:
+    data = FakeData()
+    request = start(data)
+    data.pending[0].errback(CancelledError())  # cancelled by something else than the client
+    assert request.finished and request.code == 503
+    assert json.loads(written(request))["status"] == 503
+
+
+def test_an_answer_that_cannot_be_written_drops_the_connection(
+    logged: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vibed.api.direct as direct
+
+    def broken(request: Any, failure: Failure) -> bytes:
+        raise UnicodeEncodeError("ascii", "é", 0, 1, "a header value")
+
+    monkeypatch.setattr(direct, "answer_failure", broken)
+    data = FakeData()
+    request = start(data)
+    transport = CHANNELS[id(request)].transport
+    aborted: list[bool] = []
+    transport.abortConnection = lambda: aborted.append(True)
+    data.pending[0].errback(NotFound("No such document."))
+    assert aborted == [True]  # not left open with no deadline
+    assert failures(logged)
+
+
+def test_a_canceller_that_raises_stays_inside_the_answer(logged: list[Any]) -> None:
+    class Stubborn(FakeData):
+        async def get_document(self, request: Any, collection: str, doc_id: str) -> bytes:
+            def refuse(_: Deferred[Any]) -> None:
+                raise RuntimeError("cannot cancel")
+
+            waiting: Deferred[Any] = Deferred(refuse)
+            self.pending.append(waiting)
+            await waiting
+            return b""
+
+    data = Stubborn()
+    request = start(data)
+    request.connectionLost(Failure(ConnectionLost()))  # does not raise
+    assert [e["log_failure"].type for e in failures(logged)] == [RuntimeError]

@@ -237,3 +237,42 @@ def test_a_client_that_goes_away_is_told_and_gets_nothing() -> None:
     assert len(told) == 1 and told[0].check(ConnectionLost)
     request.write(b"late")  # what a handler finishing late would do: nothing is written
     assert transport.value() == b""
+
+
+def test_an_answer_without_a_length_is_framed_chunked_as_twisted_web_frames_it() -> None:
+    routes = Held()
+    channel, transport = channel_with(routes)
+    channel.dataReceived(GET % b"one")
+    request = routes.held[0]
+    request.setHeader(b"Content-Type", b"text/plain")
+    request.write(b"hello")
+    request.finish()
+    head, _, rest = transport.value().partition(b"\r\n\r\n")
+    assert b"\r\nTransfer-Encoding: chunked" in head and b"Content-Length" not in head
+    assert rest == b"5\r\nhello\r\n0\r\n\r\n"
+    channel.dataReceived(GET % b"two")  # and the connection goes on
+    assert [r.path for r in routes.held] == [b"/data/c/one", b"/data/c/two"]
+
+
+def test_a_route_that_raises_at_once_is_a_logged_500_and_the_connection_goes_on() -> None:
+    class Raising(Held):
+        def start(self, request: LeanRequest, route: Any) -> None:
+            super().start(request, route)
+            if len(self.held) == 1:
+                raise ZeroDivisionError("bug")
+
+    routes = Raising()
+    channel, transport = channel_with(routes)
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        channel.dataReceived(GET % b"one")
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    ((status, head, body),) = answers(transport.value())
+    assert status == 500 and b"application/problem+json" in head
+    assert b"ZeroDivisionError" not in body and json.loads(body)["status"] == 500
+    assert any(e.get("log_failure") is not None for e in logged)
+    channel.dataReceived(GET % b"two")
+    answer(routes.held[1], {"n": 2})
+    assert [s for s, _, _ in answers(transport.value())] == [500, 200]

@@ -400,6 +400,7 @@ class LeanRequest:
         "startedWriting",
         "finished",
         "notifications",
+        "chunked",
         "_disconnected",
     )
 
@@ -427,6 +428,7 @@ class LeanRequest:
         self.startedWriting = False
         self.finished = False
         self.notifications: list[Any] = []
+        self.chunked = False
         self._disconnected = False
 
     # -- what the handlers ask (twisted.web's Request meanings) ------------------------------
@@ -441,6 +443,19 @@ class LeanRequest:
     def getClientAddress(self) -> Any:  # noqa: N802 (Twisted API)
         channel = self.channel
         return channel.getPeer() if channel is not None else None
+
+    def getHost(self) -> Any:  # noqa: N802 (Twisted API)
+        channel = self.channel
+        return channel.getHost() if channel is not None else None
+
+    def isSecure(self) -> bool:  # noqa: N802 (Twisted API)
+        channel = self.channel
+        return channel is not None and bool(channel.isSecure())
+
+    def loseConnection(self) -> None:  # noqa: N802 (Twisted API)
+        channel = self.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.loseConnection()
 
     setHeader = VibeRequest.setHeader  # names no server version  # noqa: N815
 
@@ -458,16 +473,16 @@ class LeanRequest:
     # -- the answer ----------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """The head and ``data`` in one send. An answer is written once, whole, with its
-        Content-Length (the handlers' ``json_response`` and problems give it); if none was
-        set, it is ``data``'s length."""
+        """The head and ``data`` in one send: an answer is written once, whole (the handlers'
+        ``json_response`` and problems give its Content-Length; without one it is framed
+        chunked, as twisted.web frames it, and ``finish`` ends it)."""
         if self.finished:
             raise RuntimeError("LeanRequest.write after finish")
         if self._disconnected or self.channel is None:
             return
-        raw = self.responseHeaders._rawHeaders
         if self.startedWriting:
             raise RuntimeError("LeanRequest answers in one write")
+        raw = self.responseHeaders._rawHeaders
         self.startedWriting = True
         code = self.code
         no_body = code in NO_BODY_CODES
@@ -475,15 +490,19 @@ class LeanRequest:
         if not no_body and b"Content-Type" not in raw and not (length and length[0] == b"0"):
             raw[b"Content-Type"] = [b"text/html"]  # twisted.web's default, as it would add
         if length is None and not no_body:
-            raw[b"Content-Length"] = [b"%d" % len(data)]
+            raw[b"Transfer-Encoding"] = [b"chunked"]
+            self.chunked = True
         head = [b"HTTP/1.1 %d " % code, self.code_message, b"\r\n"]
         for name, values in raw.items():
             for value in values:
                 head.extend((name, b": ", value, b"\r\n"))
         head.append(b"\r\n")
         if not no_body:
-            head.append(data)
             self.sentLength += len(data)
+            if not self.chunked:
+                head.append(data)
+            elif data:
+                head.extend((b"%x\r\n" % len(data), data, b"\r\n"))
         send_now(self.channel.transport, b"".join(head))
 
     def finish(self) -> None:
@@ -495,6 +514,8 @@ class LeanRequest:
             self.write(b"")
         channel: Any = self.channel
         assert channel is not None
+        if self.chunked:
+            send_now(channel.transport, b"0\r\n\r\n")
         site = channel.site
         if site is not None:
             site.log(self)
@@ -808,7 +829,41 @@ class VibeChannel(HTTPChannel):
         self._handlingRequest = True
         self.setRawMode()  # bytes arriving meanwhile wait in _dataBuffer (twisted's way)
         routes, matched = route
-        routes.start(request, matched)
+        try:
+            routes.start(request, matched)
+        except BaseException:
+            # What twisted.web's Request.process does with a route that raises: logged, and
+            # a 500 if nothing was written yet.
+            _log.failure("answering {method} {path}", method=command, path=path)
+            self._lean_failed(request)
+
+    def _lean_failed(self, request: LeanRequest) -> None:
+        transport: Any = self.transport
+        try:
+            if not request.startedWriting and not request.finished:
+                body = json.dumps(
+                    {
+                        "type": PROBLEM_BASE + "internal",
+                        "title": "Internal server error",
+                        "status": 500,
+                        "detail": "Internal error; it has been logged.",
+                    }
+                ).encode()
+                request.setResponseCode(500)
+                request.responseHeaders._rawHeaders.update(
+                    {
+                        b"Content-Type": [PROBLEM_JSON],
+                        b"Cache-Control": [b"no-store"],
+                        b"Content-Length": [b"%d" % len(body)],
+                    }
+                )
+                request.write(body)
+            if not request.finished and not request._disconnected:
+                request.finish()
+        except Exception:
+            _log.failure("answering a failed request")
+            if transport is not None:
+                transport.abortConnection()
 
     def allHeadersReceived(self) -> None:  # noqa: N802
         self._disarm()

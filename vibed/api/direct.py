@@ -25,7 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from vibed.cors import EXPOSE_HEADERS, allowed
-from vibed.errors import answer_failure
+from vibed.errors import ServiceUnavailable, answer_failure, write_problem
 from vibed.web import ALLOW_ORIGIN, EXPOSE, LeanRequest, VibeChannel, set_clean_header
 
 from .data import DataAPI
@@ -152,7 +152,10 @@ class _Answer:
         self.finished = True
         waiting, self.waiting = self.waiting, None
         if waiting is not None:
-            waiting.cancel()
+            try:
+                waiting.cancel()
+            except Exception:  # never out of the channel's connectionLost
+                _log.failure("cancelling for a client that went away")
 
     # -- the handler ---------------------------------------------------------------------
 
@@ -193,6 +196,7 @@ class _Answer:
             request.finish()
         except Exception:
             _log.failure("writing an answer")
+            self._abort()
 
     def failed(self, failure: Failure) -> None:
         if self.finished:
@@ -200,8 +204,26 @@ class _Answer:
                 _log.failure("after the client went away", failure)
             return
         try:
-            answer = answer_failure(self.request, failure)
+            if failure.check(CancelledError):
+                # Cancelled while the client is still here (not by its leaving): a 503 to
+                # retry, not an empty 200.
+                answer: bytes | None = write_problem(
+                    self.request,
+                    ServiceUnavailable("The request was cancelled; try again shortly."),
+                )
+            else:
+                answer = answer_failure(self.request, failure)
         except Exception:
             _log.failure("answering a failure")
+            self._abort()
             return
         self.write(answer)
+
+    def _abort(self) -> None:
+        """No answer can be written: drop the connection rather than leave it waiting."""
+        self.finished = True
+        channel = getattr(self.request, "channel", None)
+        transport = getattr(channel, "transport", None)
+        if transport is not None:
+            abort = getattr(transport, "abortConnection", None) or transport.loseConnection
+            abort()
