@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -204,7 +205,15 @@ def prepare(daemon: Daemon, engine: Engine, seed_docs: int) -> Workload:
     range_params = {"startkey": json.dumps(start), "endkey": json.dumps(end)}
     picks = [seeded[i * 7919 % len(seeded)] for i in range(min(1000, len(seeded)))]
 
-    indexes = call("GET", base + data + "/_index", headers=bearer)["indexes"]
+    # CouchDB may list a just-declared index a moment late on a busy machine: wait for both.
+    deadline = time.monotonic() + 30
+    while True:
+        indexes = call("GET", base + data + "/_index", headers=bearer)["indexes"]
+        if {tuple(i["fields"]) for i in indexes} >= {("group",), ("n",)}:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the declared indexes are not listed: {indexes}")
+        time.sleep(0.2)
 
     def find(selector: dict[str, Any], sort: list[str] | None = None) -> str:
         return json.dumps(vibed_find_body(selector, sort, indexes))
