@@ -13,7 +13,7 @@ import pytest_twisted
 import treq
 from harness import Vibed, self_signed
 from twisted.internet import reactor, ssl
-from twisted.web.client import Agent
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -40,8 +40,15 @@ async def test_the_data_api_answers_over_tls_it_terminates(make_vibed: Any) -> N
     vibed: Vibed = await make_vibed()
     cert, key = self_signed()
     options = ssl.CertificateOptions(privateKey=key, certificate=cert)
-    port = reactor.listenSSL(0, vibed.parts.site(), options, interface="127.0.0.1")
-    agent = Agent(reactor, contextFactory=_Trust(cert))
+    site = vibed.parts.site()
+    routes = site.wrappedFactory.lean_routes
+    lean: list[bytes] = []
+    start = routes.start
+    routes.start = lambda request, route: (lean.append(request.path), start(request, route))
+    port = reactor.listenSSL(0, site, options, interface="127.0.0.1")
+    # Kept-alive connections: the reads go the lean path (vibed.web.LeanRequest) over TLS.
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    agent = Agent(reactor, contextFactory=_Trust(cert), pool=pool)
     base = f"https://127.0.0.1:{port.getHost().port}"
     try:
         signup = await treq.post(
@@ -61,7 +68,9 @@ async def test_the_data_api_answers_over_tls_it_terminates(make_vibed: Any) -> N
             got = await treq.get(f"{base}/data/notes/{doc_id}", headers=auth, agent=agent)
             assert got.code == 200
             assert (await got.json())["secret"] == "s3cr3t"
+        assert lean.count(f"/data/notes/{doc_id}".encode()) == 3
     finally:
+        await pool.closeCachedConnections()
         await port.stopListening()
 
 
