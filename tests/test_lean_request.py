@@ -3,9 +3,9 @@ answered without twisted.web's Request. It must answer exactly as twisted.web's 
 does, so the same conversation is held twice over one raw keep-alive connection, once with
 the lean path on and once with it off, and the bytes on the wire (the Date, revisions, new
 ids and the collection's name aside) and the access-log lines must be the same. The lean
-path must also actually take the plain requests (or this would compare twisted.web with
-itself), and leave the rest (HEAD, a query string, ``Connection: close``, HTTP/1.0, a form,
-a body over the limit) to twisted.web.
+path must also actually take the plain requests, browsers' ``Connection: keep-alive``
+included (or this would compare twisted.web with itself), and leave the rest (HEAD, a query
+string, ``Connection: close``, HTTP/1.0, a form, a body over the limit) to twisted.web.
 
 The rest is the channel's part: a request pipelined behind a lean one waits for its answer,
 and a client that goes away while a lean request is being answered gets nothing written."""
@@ -79,6 +79,9 @@ CONVERSATION: list[tuple[Step, bool]] = [  # (the request, whether the lean path
     (req("GET", "/data/{c}/a1?x=1"), False),  # a query string
     (req("HEAD", "/data/{c}/a1"), False),
     (req("GET", "/data/{c}/a1", X_Frame_Options="ignored", User_Agent="raw/1 (test)"), True),
+    (req("GET", "/data/{c}/a1", Connection="keep-alive"), True),  # what browsers send
+    (req("GET", "/data/{c}/a1", Connection="Keep-Alive", Origin="https://app.example"), True),
+    (req("GET", "/data/{c}/a1", Connection="close,keep-alive"), True),  # not "close" to twisted
     (req("POST", "/data/{c}", body=b"y=2", Content_Type=FORM), False),
     (req("DELETE", "/data/{c}/a1", If_Match="{etag}"), True),
     (req("GET", "/data/{c}/a1"), True),  # deleted: 404

@@ -374,8 +374,8 @@ _LEAN_METHODS = frozenset((b"GET", b"POST", b"PUT", b"DELETE"))
 
 class LeanRequest:
     """A request answered without twisted.web's ``Request``: the usual request to a document
-    route, taken whole by :meth:`VibeChannel._whole_request` (HTTP/1.1, kept alive, no query
-    string, no ``Connection`` header, a body within the default limit and not a form).
+    route, taken whole by :meth:`VibeChannel._whole_request` (HTTP/1.1, kept alive: no
+    ``Connection: close``; no query string, a body within the default limit and not a form).
 
     twisted.web's Request builds and tears down some forty attributes, two header objects,
     a resource traversal and its own bookkeeping for every request; this is what the route
@@ -785,10 +785,12 @@ class VibeChannel(HTTPChannel):
             routes is None
             or version != b"HTTP/1.1"
             or command not in _LEAN_METHODS
-            or b"Connection" in headers
             or length > DEFAULT_BODY_LIMIT
         ):
             return None
+        connection = headers.get(b"Connection")
+        if connection is not None and b"close" in connection[0].lower().split(b" "):
+            return None  # (twisted.web's own test, checkPersistence's: it answers and closes)
         host = headers.get(b"Host")
         if host and not host[-1].isascii():
             return None  # VibeRequest's own 400 for a URL that is not UTF-8
