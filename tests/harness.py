@@ -59,6 +59,20 @@ def make_config(tmp_path: Path, couch_url: str, **overrides: Any) -> Config:
     return attrs.evolve(config, **overrides)
 
 
+def string_channel(site: Any, clock: Any) -> tuple[Any, Any]:
+    """A channel of ``site`` (timed by ``clock``) connected to a StringTransport, for tests
+    of the HTTP channel on exact bytes: (channel, transport)."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    site.reactor = clock
+    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+    channel.callLater = clock.callLater
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
 class Vibed:
     """A running vibed API; ``url`` is its base URL."""
 

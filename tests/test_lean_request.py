@@ -19,9 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest_twisted
-from harness import Person, Vibed, VibedFactory, new_person
+from harness import Person, Vibed, VibedFactory, new_person, string_channel
 from test_web_send import answers, answers_or_none, raw, until
-from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -194,13 +193,8 @@ class Held:
 
 def channel_with(routes: Held) -> tuple[Any, StringTransport]:
     site = VibeSite(Resource(), access_log="off")
-    site.reactor = Clock()  # type: ignore[assignment]
     site.lean_routes = routes
-    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
-    channel.callLater = site.reactor.callLater
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    return channel, transport
+    return string_channel(site, Clock())
 
 
 def answer(request: LeanRequest, body: dict[str, Any]) -> None:

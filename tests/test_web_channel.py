@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from harness import string_channel
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -27,12 +28,7 @@ class Hello(Resource):
 
 def connect(clock: Clock, **limits: Any) -> tuple[Any, StringTransport]:
     site = VibeSite(Hello(), access_log="off", limits=ConnectionLimits(**limits))
-    site.reactor = clock  # type: ignore[assignment]
-    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
-    channel.callLater = clock.callLater
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    return channel, transport
+    return string_channel(site, clock)
 
 
 def test_a_later_request_head_gets_its_whole_header_timeout() -> None:

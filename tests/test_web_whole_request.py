@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 import pytest
-from twisted.internet.address import IPv4Address
+from harness import string_channel
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
@@ -56,12 +56,7 @@ def connect(**policies: int) -> tuple[Any, StringTransport]:
             for prefix, limit in policies.items()
         },
     )
-    site.reactor = clock  # type: ignore[assignment]
-    channel: Any = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
-    channel.callLater = clock.callLater
-    transport = StringTransport()
-    channel.makeConnection(transport)
-    return channel, transport
+    return string_channel(site, clock)
 
 
 _DATE = re.compile(rb"\r\nDate: [^\r]*\r\n")

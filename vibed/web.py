@@ -45,11 +45,11 @@ from twisted.web.http import (
     unquote,
 )
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
-from twisted.web.iweb import INonQueuedRequestFactory
+from twisted.web.iweb import INonQueuedRequestFactory, IRequest
 from twisted.web.resource import IResource, _IEncodingResource
 from twisted.web.server import Request, Site
 
-from vibed.errors import PROBLEM_BASE, PROBLEM_JSON
+from vibed.errors import PROBLEM_BASE, PROBLEM_JSON, answer_unexpected
 
 _log = Logger(namespace="vibed.web")
 
@@ -836,34 +836,22 @@ class VibeChannel(HTTPChannel):
         except BaseException:
             # What twisted.web's Request.process does with a route that raises: logged, and
             # a 500 if nothing was written yet.
-            _log.failure("answering {method} {path}", method=command, path=path)
-            self._lean_failed(request)
+            self._lean_failed(request, Failure())
 
-    def _lean_failed(self, request: LeanRequest) -> None:
-        transport: Any = self.transport
+    def _lean_failed(self, request: LeanRequest, failure: Failure) -> None:
         try:
-            if not request.startedWriting and not request.finished:
-                body = json.dumps(
-                    {
-                        "type": PROBLEM_BASE + "internal",
-                        "title": "Internal server error",
-                        "status": 500,
-                        "detail": "Internal error; it has been logged.",
-                    }
-                ).encode()
-                request.setResponseCode(500)
-                request.responseHeaders._rawHeaders.update(
-                    {
-                        b"Content-Type": [PROBLEM_JSON],
-                        b"Cache-Control": [b"no-store"],
-                        b"Content-Length": [b"%d" % len(body)],
-                    }
-                )
-                request.write(body)
+            if request.startedWriting or request.finished:
+                _log.failure("answering {method} {path}", failure, method=request.method,
+                             path=request.path)  # fmt: skip
+            else:
+                body = answer_unexpected(cast(IRequest, request), failure)  # logs it too
+                if body:
+                    request.write(body)
             if not request.finished and not request._disconnected:
                 request.finish()
         except Exception:
             _log.failure("answering a failed request")
+            transport: Any = self.transport
             if transport is not None:
                 transport.abortConnection()
 

@@ -64,20 +64,25 @@ class DirectRoutes:
     def putChild(self, path: bytes, child: IResource) -> None:  # noqa: N802
         self.fallback.putChild(path, child)
 
-    def render(self, request: IRequest) -> Any:
-        path = request.path
+    def route(self, method: bytes, path: bytes) -> tuple[Handler, tuple[str, ...]] | None:
+        """The handler of ``method`` on ``path`` and its arguments, or None: not ours."""
         match = _ROUTE.match(path) if path.startswith(b"/data/") else None
         if match is None:
-            return self.fallback.render(request)
+            return None
         collection, doc_id = match.groups()
         if doc_id is None:
-            handler = self._collection.get(request.method)
+            handler = self._collection.get(method)
             args: tuple[str, ...] = (collection.decode("ascii"),)
         else:
-            handler = self._document.get(request.method)
+            handler = self._document.get(method)
             args = (collection.decode("ascii"), doc_id.decode("ascii"))
-        if handler is None:
+        return None if handler is None else (handler, args)
+
+    def render(self, request: IRequest) -> Any:
+        found = self.route(request.method, request.path)
+        if found is None:
             return self.fallback.render(request)  # HEAD, OPTIONS, 405s: Klein's answers
+        handler, args = found
         return self._run(request, handler, args)
 
     def _run(self, request: IRequest, handler: Handler, args: tuple[str, ...]) -> Any:
@@ -96,17 +101,7 @@ class LeanDirectRoutes:
         self.cors = cors
 
     def match(self, method: bytes, path: bytes) -> tuple[Handler, tuple[str, ...]] | None:
-        match = _ROUTE.match(path) if path.startswith(b"/data/") else None
-        if match is None:
-            return None
-        collection, doc_id = match.groups()
-        if doc_id is None:
-            handler = self.routes._collection.get(method)
-            args: tuple[str, ...] = (collection.decode("ascii"),)
-        else:
-            handler = self.routes._document.get(method)
-            args = (collection.decode("ascii"), doc_id.decode("ascii"))
-        return None if handler is None else (handler, args)
+        return self.routes.route(method, path)
 
     def start(self, request: LeanRequest, route: tuple[Handler, tuple[str, ...]]) -> None:
         if self.cors and allowed(request.path):
