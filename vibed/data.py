@@ -207,18 +207,17 @@ def check_body(body: dict[str, Any], *, url_id: str | None) -> dict[str, Any]:
 
 def _too_deep(value: Any, limit: int) -> bool:
     """Whether JSON ``value`` nests deeper than ``limit`` (iteratively: no recursion)."""
+    if value.__class__ is not dict and value.__class__ is not list:
+        return False  # a scalar (JSON values are plain dicts and lists)
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Iterable[Any] = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
         if depth >= limit:
             return True
-        stack.extend((child, depth + 1) for child in children)
+        # Only containers go on the stack: a scalar cannot nest (most fields are scalars).
+        for child in item.values() if item.__class__ is dict else item:
+            if child.__class__ is dict or child.__class__ is list:
+                stack.append((child, depth + 1))
     return False
 
 
@@ -983,7 +982,7 @@ class DataService:
             stored = await self.db(idn).get(layout.storage_id(collection, doc_id))
         except CouchNotFound:
             raise NotFound(f"No document {doc_id!r} in collection {collection!r}.") from None
-        return layout.from_storage(stored)
+        return layout.from_storage_in_place(stored, collection + ":")  # a fresh parse: ours
 
     async def put(
         self, idn: str, collection: str, doc_id: str, body: dict[str, Any], rev: str | None

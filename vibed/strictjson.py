@@ -16,6 +16,8 @@ import math
 import re
 from typing import Any
 
+from vibed import jsonfast
+
 __all__ = ["JSONError", "loads"]
 
 #: integers longer than this are refused before Python's own digit limit (4300) can speak
@@ -91,6 +93,13 @@ def _valid_unicode(value: Any) -> bool:
     return True
 
 
+#: one parser for every call: building a JSONDecoder (and its C scanner) per body cost more
+#: than parsing a small body; the scanner keeps no state between calls
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_pairs, parse_constant=_constant, parse_float=_float, parse_int=_int
+)
+
+
 def loads(raw: bytes) -> Any:
     """Parse ``raw`` as strict JSON; :class:`JSONError` otherwise."""
     if raw.startswith(b"\xef\xbb\xbf"):
@@ -100,13 +109,7 @@ def loads(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise JSONError("The JSON is not valid UTF-8.") from None
     try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_pairs,
-            parse_constant=_constant,
-            parse_float=_float,
-            parse_int=_int,
-        )
+        value = jsonfast.decode(_DECODER, text)
     except _Refused as e:
         raise JSONError(str(e)) from None
     except RecursionError:

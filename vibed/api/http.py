@@ -4,13 +4,12 @@ and the client address."""
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Sequence
 from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from vibed import strictjson
+from vibed import jsonfast, strictjson
 from vibed.errors import (
     BadRequest,
     Forbidden,
@@ -85,7 +84,7 @@ def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
     request.setResponseCode(status)
     set_clean_header(request, CONTENT_TYPE, b"application/json")
     set_clean_header(request, CACHE_CONTROL, b"no-store")
-    encoded = json.dumps(body).encode("utf-8")
+    encoded = jsonfast.dumps(body).encode("utf-8")
     # Known up front: the answer goes out in one piece, not chunked.
     set_clean_header(request, CONTENT_LENGTH, b"%d" % len(encoded))
     return encoded

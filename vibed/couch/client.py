@@ -50,6 +50,7 @@ from twisted.web.http import RESPONSES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 
+from vibed import jsonfast
 from vibed.couch.errors import (
     CouchBadRequest,
     CouchConflict,
@@ -334,7 +335,7 @@ class CouchServer:
         if body is _NOTHING:
             data = head + self._wire_headers + b"\r\n"
         else:
-            payload = json.dumps(body).encode("utf-8")
+            payload = jsonfast.dumps(body).encode("utf-8")
             data = (
                 head
                 + self._wire_headers
@@ -438,7 +439,7 @@ class CouchServer:
         if method == "HEAD" or not raw:
             return None
         try:
-            return json.loads(raw)
+            return jsonfast.loads(raw)
         except ValueError:
             raise CouchUnavailable(status, "bad_response", "answer is not JSON") from None
 
@@ -458,7 +459,7 @@ class CouchServer:
         if method == "HEAD" or not raw:
             return None
         try:
-            return json.loads(raw)
+            return jsonfast.loads(raw)
         except ValueError:
             raise CouchUnavailable(status, "bad_response", "answer is not JSON") from None
 
