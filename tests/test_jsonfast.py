@@ -19,7 +19,7 @@ VALUES: list[Any] = [
     {"_id": "notes:a", "_rev": "1-abc", "n": 42, "f": 1.5, "t": True, "x": None},
     {"nested": {"list": [1, [2, [3, {"deep": "é☃😀"}]]]}, "": "empty key"},
     ["a", 1, -0.0, 1e308, 10**40, "\u2028", '\x00\x1f"\\/'],
-    {1: "int key", 2.5: "float key", True: "bool key", None: "null key"},
+    {1: "int key", 2.5: "float key", False: "bool key", None: "null key"},
     "just a string",
     7,
     None,

@@ -273,3 +273,38 @@ def test_a_route_that_raises_at_once_is_a_logged_500_and_the_connection_goes_on(
     channel.dataReceived(GET % b"two")
     answer(routes.held[1], {"n": 2})
     assert [s for s, _, _ in answers(transport.value())] == [500, 200]
+
+
+def test_set_header_stores_what_twisted_would() -> None:
+    """VibeRequest.setHeader (LeanRequest's too) skips twisted's setRawHeaders for a name
+    seen before and a value without a line break: what it stores must be what that stores,
+    for those and for everything else (new names, str, line breaks, the Server name)."""
+    from twisted.web.http_headers import Headers
+
+    from vibed.web import VibeRequest
+
+    cases: list[tuple[bytes | str, bytes | str]] = [
+        (b"ETag", b'"1-abc"'),
+        (b"etag", b'"1-abc"'),
+        (b"Location", b"/data/notes/x"),
+        ("Location", "/data/notes/y"),
+        (b"Location", "/data/notes/\u00e9"),
+        (b"X-Never-Seen-" + uuid.uuid4().hex.encode(), b"v"),
+        (b"Location", b"/a\r\nSet-Cookie: x=1"),
+        (b"Location", b"/a\nb\rc"),
+        (b"Location", b"/a\rb"),
+        (b"Location", b"/a\nb"),
+        (b"Location", b""),
+        (b"Server", b"TwistedWeb/1.0"),
+        (b"server", b"x"),
+        ("Server", "x"),
+    ]
+    for name, value in cases:
+        expected = Headers()
+        expected.setRawHeaders(name, [value])
+        if str(name).lower().strip("b'") == "server":
+            expected.setRawHeaders(name, [b"vibed"])
+        request: Any = VibeRequest.__new__(VibeRequest)
+        request.responseHeaders = Headers()
+        VibeRequest.setHeader(request, name, value)
+        assert request.responseHeaders._rawHeaders == expected._rawHeaders, (name, value)

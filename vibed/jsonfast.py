@@ -17,7 +17,7 @@ from typing import Any
 
 __all__ = ["decode", "dumps", "loads"]
 
-_make_encoder = _encoder.c_make_encoder
+_make_encoder = _encoder.c_make_encoder  # type: ignore[attr-defined]
 _escape = _encoder.encode_basestring_ascii
 _default = json.JSONEncoder().default  # TypeError: "Object of type X is not JSON serializable"
 _decoder = json.JSONDecoder()
@@ -37,7 +37,7 @@ def decode(decoder: json.JSONDecoder, text: str) -> Any:
     """``decoder.decode(text)``, the usual case (a value from the first character on, then
     nothing or CouchDB's closing newline) in one call to the C scanner."""
     try:
-        value, end = decoder.scan_once(text, 0)
+        value, end = decoder.scan_once(text, 0)  # type: ignore[attr-defined]
     except StopIteration:  # whitespace first, or no value at all: decode says which
         return decoder.decode(text)
     if end == len(text) or (end == len(text) - 1 and text[end] == "\n"):

@@ -129,6 +129,18 @@ class VibeRequest(Request):
     a problem of ours (Klein's is a text/html line and a logged traceback)."""
 
     def setHeader(self, name: bytes | str, value: bytes | str) -> None:  # noqa: N802
+        canonical = _canonical_names.get(name)
+        if (
+            canonical is not None
+            and canonical != b"Server"
+            and value.__class__ is bytes
+            and value.find(b"\r") < 0
+            and value.find(b"\n") < 0
+        ):
+            # What setRawHeaders stores for a name seen before and a value with no line
+            # break to fold, without its three calls per header.
+            self.responseHeaders._rawHeaders[canonical] = [value]
+            return
         if name[:1] in _S and (
             (name.encode("ascii") if isinstance(name, str) else name).lower() == b"server"
         ):
@@ -418,7 +430,7 @@ class LeanRequest:
         self.uri = self.path = path
         self.clientproto = b"HTTP/1.1"
         self.requestHeaders = headers
-        self.responseHeaders = Headers()
+        self.responseHeaders = Headers.__new__(Headers)  # no __init__: the table is given
         self.responseHeaders._rawHeaders = answer_headers
         self.content: io.BytesIO | None = io.BytesIO(body)
         self.args: dict[bytes, list[bytes]] = {}
@@ -814,7 +826,7 @@ class VibeChannel(HTTPChannel):
     ) -> None:
         """What allHeadersReceived and allContentReceived do for a request with nothing more
         to come, then the route's answer, on a :class:`LeanRequest`."""
-        received = Headers()
+        received = Headers.__new__(Headers)  # no __init__: its table is set just below
         received._rawHeaders = headers
         answer = {name: [value] for name, value in _PROCESS_HEADERS}
         answer[b"Date"] = [http_date()]

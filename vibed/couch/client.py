@@ -326,7 +326,7 @@ class CouchServer:
         self, wire: WirePool, method: str, path: str, params: Mapping[str, str], body: Any
     ) -> Deferred[Any]:
         """Start a request on the lean path; the Deferred fires with the whole Answer."""
-        target = path + _query(params)
+        target = path + _query(params) if params else path
         try:
             raw_target = target.encode("ascii")
         except UnicodeEncodeError:
