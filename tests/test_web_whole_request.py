@@ -136,6 +136,8 @@ LEFT_TO_TWISTED = {
     "bare LF in a value": b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\nb\r\n\r\n",
     "bare CR in a value": b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
     "NUL in a value": b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "CR before a line end": b"GET /a HTTP/1.1\r\nHost: x\r\nX-A: a\r\r\n\r\n",
+    "LF after a line end": b"GET /a HTTP/1.1\r\nHost: x\r\n\nX-A: a\r\n\r\n",
     "bad version": b"GET /a HTTP/2.0\r\nHost: x\r\n\r\n",
     "double space": b"GET  /a HTTP/1.1\r\nHost: x\r\n\r\n",
     "target byte past 0xB0": b"GET /a\xb1 HTTP/1.1\r\nHost: x\r\n\r\n",

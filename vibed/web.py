@@ -708,12 +708,15 @@ class VibeChannel(HTTPChannel):
         if end <= 0:
             return False
         head = data[:end]
-        bare = head.replace(b"\r\n", b"")
-        if bare.find(b"\r") >= 0 or bare.find(b"\n") >= 0 or bare.find(b"\x00") >= 0:
+        # Every CR and LF in a CRLF pair (as many CRs and LFs as CRLFs), no NUL; the head's
+        # size without its line ends is what twisted.web counts against totalHeadersSize.
+        crlf = head.count(b"\r\n")
+        if head.count(b"\r") != crlf or head.count(b"\n") != crlf or head.find(b"\x00") >= 0:
+            return False
+        size = len(head) - 2 * crlf
+        if crlf > self.maxHeaders or size > self.totalHeadersSize:
             return False
         lines = head.split(b"\r\n")
-        if len(lines) - 1 > self.maxHeaders or len(bare) > self.totalHeadersSize:
-            return False
         if max(map(len, lines)) > self.MAX_LENGTH:
             return False
         request_line = _REQUEST_LINE.match(lines[0])
@@ -759,8 +762,8 @@ class VibeChannel(HTTPChannel):
         self.requests.append(request)
         self._HTTPChannel__first_line = 0
         self._command, self._path, self._version = command, path, version
-        self._receivedHeaderSize = len(bare)
-        self._receivedHeaderCount = len(lines) - 1
+        self._receivedHeaderSize = size
+        self._receivedHeaderCount = crlf
         request.requestHeaders._rawHeaders.update(headers)
         self.length = length
         if length:
