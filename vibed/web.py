@@ -1086,12 +1086,14 @@ def daemon_log_stream() -> int | None:
 
 
 #: Bytes that twisted.web's access-log escaping (``_escape``) leaves as they are.
-_PLAIN_LOG = re.compile(rb"[ !#-&(-\[\]-~]*\Z")
+#: (Printable ASCII but the two quotes and the backslash; ``raw.translate(None, these)`` is
+#: what ``raw`` holds besides them, in one pass, cheaper than a regular expression.)
+_PLAIN_LOG = bytes(b for b in range(0x20, 0x7F) if b not in b"\"'\\")
 
 
 def _log_text(value: bytes | str) -> str:
     raw = value if isinstance(value, bytes) else value.encode("ascii")
-    return raw.decode("ascii") if _PLAIN_LOG.match(raw) else cast(str, _escape(raw))
+    return raw.decode("ascii") if not raw.translate(None, _PLAIN_LOG) else cast(str, _escape(raw))
 
 
 def access_line(timestamp: str | None, request: Any) -> str:
@@ -1114,7 +1116,7 @@ def access_line(timestamp: str | None, request: Any) -> str:
     # The usual case, every field plain: one check over all of them (the separator is one
     # of the plain bytes, so a field's escape cannot hide at a join).
     joined = b" ".join(fields)
-    if _PLAIN_LOG.match(joined) and len(joined) - 5 <= _FIELDS_PLAIN_MAX:
+    if not joined.translate(None, _PLAIN_LOG) and len(joined) - 5 <= _FIELDS_PLAIN_MAX:
         # A double quote is never plain, so none is inside a field: decoded once, the
         # fields are parted again at the quotes.
         ip_t, method, path, proto, ref_t, agent_t = b'"'.join(fields).decode("ascii").split('"')
