@@ -173,7 +173,7 @@ async def returning(s: Session) -> tuple[float, dict[str, Any]]:
 
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:
-    engine = Engine(args.couchdb).start()
+    engine = Engine(args.couchdb, args.erl_flags).start()
     daemon = Daemon("--couchdb", engine.url).start()
     if args.cpus == "pinned":
         pin(daemon.pid, "0")

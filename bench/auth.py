@@ -64,7 +64,7 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         f"one scrypt derivation {fmt_ms(scrypt_s).strip()} ms "
         f"(signup does one hash + one scrypt: ~{fmt_ms(verify_s + scrypt_s).strip()} ms)"
     )
-    engine = Engine(args.couchdb).start()
+    engine = Engine(args.couchdb, args.erl_flags).start()
     daemon = Daemon("--crypto-threads", str(args.crypto_threads), "--couchdb", engine.url).start()
     if args.cpus == "pinned":
         pin(daemon.pid, "0")

@@ -278,7 +278,7 @@ def main() -> None:
     if ns.cpus == "both":
         parser.error("--cpus both: run shared and pinned one after the other")
     big = ns.big_mib * MIB
-    engine = Engine(ns.couchdb).start()
+    engine = Engine(ns.couchdb, ns.erl_flags).start()
     daemon = Daemon("--blob-max-size", str(big), "--blob-quota", "0", "--couchdb", engine.url)
     daemon.args += ["--public-url", daemon.url]
     daemon.start()

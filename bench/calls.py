@@ -40,7 +40,7 @@ def _short(path: str) -> str:
 
 def count(args: argparse.Namespace, op: str, out_dir: Path) -> tuple[float, float, Counter[str]]:
     """(Python calls, C calls, calls per function) per request of ``op``."""
-    engine = Engine(args.couchdb).start()
+    engine = Engine(args.couchdb, args.erl_flags).start()
     stats_file = out_dir / f"{op}.prof"
     env = {"PYTHONPATH": str(Path(args.vibed_src).resolve())} if args.vibed_src else {}
     daemon = Daemon("--couchdb", engine.url, *shlex.split(args.vibed_args), env=env)

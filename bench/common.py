@@ -220,10 +220,12 @@ class Engine:
     ``shared``: an Apache CouchDB 3.5 of its own, from ``../shared/tools/couchdb``;
     a URL (``http://admin:pw@host:5984``): that server, left running at the end.
     ``url`` carries the credentials; ``pid`` is the server's process (None: not ours and not
-    found), for CPU accounting and pinning."""
+    found), for CPU accounting and pinning. ``erl_flags`` (``--erl-flags``): the Erlang VM
+    flags an Apache CouchDB of its own starts with (``ERL_FLAGS``), named in ``name``."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, erl_flags: str = "") -> None:
         self.spec = spec
+        self.erl_flags = erl_flags
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.script: Path | None = None
@@ -242,6 +244,8 @@ class Engine:
             self.url = self.spec if self.spec.endswith("/") else self.spec + "/"
             self.pid = listening_pid(urlsplit(self.url).port or 5984)
         self.name = self._describe()
+        if self.erl_flags and self.spec == "shared":
+            self.name += f" (ERL_FLAGS '{self.erl_flags}')"
         return self
 
     def _start_pouchdb(self) -> None:
@@ -271,11 +275,15 @@ class Engine:
                 "checkout; pass a CouchDB URL instead"
             )
         self.tmp = tempfile.TemporaryDirectory(prefix="vibed-bench-couchdb-")
+        env = dict(os.environ)
+        if self.erl_flags:
+            env["ERL_FLAGS"] = self.erl_flags
         url = subprocess.run(
             ["bash", str(self.script), "start", self.tmp.name],
             check=True,
             capture_output=True,
             text=True,
+            env=env,
         ).stdout.strip()
         self.url = url + "/"
         self.pid = int((Path(self.tmp.name) / "couchdb.pid").read_text())
@@ -343,6 +351,11 @@ class Engine:
             self.tmp.cleanup()
 
 
+#: Erlang's scheduler busy-waiting off (normal, dirty CPU and dirty I/O schedulers): what a
+#: CouchDB sharing its cores with vibed and the load should run with.
+QUIET_SCHEDULERS = "+sbwt none +sbwtdcpu none +sbwtdio none"
+
+
 def add_engine_arguments(parser: Any) -> None:
     """``--couchdb`` and ``--cpus``, the same in every benchmark."""
     parser.add_argument(
@@ -351,6 +364,13 @@ def add_engine_arguments(parser: Any) -> None:
         help="pouchdb (a PouchDB Server of its own, the default), shared (an Apache CouchDB "
         "3.5 of its own from ../shared/tools/couchdb) or the URL of a CouchDB with admin "
         "credentials",
+    )
+    parser.add_argument(
+        "--erl-flags",
+        default="",
+        help="with --couchdb shared: Erlang VM flags for that CouchDB (its ERL_FLAGS), e.g. "
+        f"'{QUIET_SCHEDULERS}': its schedulers then sleep when idle instead of spinning on a "
+        "core the other processes need (see the README's performance section)",
     )
     parser.add_argument(
         "--vibed-src",

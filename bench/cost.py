@@ -138,7 +138,7 @@ def main(args: argparse.Namespace) -> None:
         rows.append(("floor", floor(args, out_dir), 0))
         wanted.remove("floor")
     if wanted:
-        engine = Engine(args.couchdb).start()
+        engine = Engine(args.couchdb, args.erl_flags).start()
         extra = ["--couchdb", engine.url, *shlex.split(args.vibed_args)]
         env = {"PYTHONPATH": str(Path(args.vibed_src).resolve())} if args.vibed_src else {}
         daemon = Daemon(*extra, env=env, wrapper=valgrind(out_dir))

@@ -148,7 +148,7 @@ def _pooled(
 
 
 def main(args: argparse.Namespace) -> None:
-    engine = Engine(args.couchdb).start()
+    engine = Engine(args.couchdb, args.erl_flags).start()
     extra = ["--couchdb", engine.url, *shlex.split(args.vibed_args)]
     if args.workers:
         extra += ["--workers", str(args.workers)]

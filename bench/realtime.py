@@ -736,7 +736,7 @@ def main() -> None:
     cases = [int(s) for s in args.sockets.split(",") if s]
     if max(cases) + 1000 > limit:
         print(f"warning: RLIMIT_NOFILE is {limit}; {max(cases)} sockets may not fit")
-    engine = Engine(args.couchdb).start()
+    engine = Engine(args.couchdb, args.erl_flags).start()
     if args.cpus == "pinned":
         pin(engine.pid, "1")
     renice(engine.pid, args.nice)
