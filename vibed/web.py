@@ -708,12 +708,13 @@ class VibeChannel(HTTPChannel):
         if end <= 0:
             return False
         head = data[:end]
-        # Every CR and LF in a CRLF pair (as many CRs and LFs as CRLFs), no NUL; the head's
-        # size without its line ends is what twisted.web counts against totalHeadersSize.
+        # Every CR and LF in a CRLF pair and no NUL: the CRs, LFs and NULs together are two per
+        # CRLF (each CRLF holds one CR and one LF). The head's size without its line ends is
+        # what twisted.web counts against totalHeadersSize.
         crlf = head.count(b"\r\n")
-        if head.count(b"\r") != crlf or head.count(b"\n") != crlf or head.find(b"\x00") >= 0:
-            return False
         size = len(head) - 2 * crlf
+        if len(head.translate(None, b"\r\n\x00")) != size:
+            return False
         if crlf > self.maxHeaders or size > self.totalHeadersSize:
             return False
         lines = head.split(b"\r\n")
