@@ -262,6 +262,12 @@ def test_stack_over_https_signup_data_realtime_blobs_then_backup_and_restore(
     password), the document and the blob there."""
     http = pinned(stack)
     stack.wait_ready(http)
+    # CouchDB's Erlang runs with the compose file's ERL_FLAGS (schedulers that sleep when idle).
+    beam = podman(
+        "exec", f"{stack.project}_couchdb_1", "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '",
+        check=False,
+    ).stdout  # fmt: skip
+    assert "beam.smp" in beam and "-sbwt none -sbwtdcpu none -sbwtdio none" in beam, beam[:2000]
     status, headers, page = http.request("GET", "/")
     assert status == 200 and headers.get("Content-Type", "").startswith("text/html")
     assert "max-age" in headers.get("Strict-Transport-Security", "")
