@@ -234,6 +234,8 @@ class Engine:
         self.name = ""
 
     def start(self) -> Engine:
+        if self.erl_flags and self.spec != "shared":
+            raise SystemExit("--erl-flags: only for --couchdb shared (a CouchDB started here)")
         if self.spec == "pouchdb":
             self._start_pouchdb()
         elif self.spec == "shared":
@@ -244,7 +246,7 @@ class Engine:
             self.url = self.spec if self.spec.endswith("/") else self.spec + "/"
             self.pid = listening_pid(urlsplit(self.url).port or 5984)
         self.name = self._describe()
-        if self.erl_flags and self.spec == "shared":
+        if self.erl_flags:
             self.name += f" (ERL_FLAGS '{self.erl_flags}')"
         return self
 

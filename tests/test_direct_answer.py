@@ -179,3 +179,34 @@ def test_a_canceller_that_raises_stays_inside_the_answer(logged: list[Any]) -> N
     request = start(data)
     request.connectionLost(Failure(ConnectionLost()))  # does not raise
     assert [e["log_failure"].type for e in failures(logged)] == [RuntimeError]
+
+
+def test_every_path_a_document_route_takes_is_cors_allowed() -> None:
+    """LeanDirectRoutes.start sets the CORS headers without asking vibed.cors.allowed: that
+    holds only while every path the route pattern takes is one allowed would allow (plain
+    /data/..., no percent escape that could decode to another path)."""
+    import random
+
+    from vibed.api.direct import _ROUTE
+    from vibed.cors import allowed
+
+    alphabet = b"/%.~-_:aZ09?#;\\ \x00"
+    paths = [
+        b"/data/notes",
+        b"/data/notes/abc",
+        b"/data/a/_index",
+        b"/data/notes/%2e%2e",
+        b"/data/../me/key",
+        b"/data/notes/..",
+        b"/data//x",
+        b"/me/key",
+        b"/blob/local/x",
+    ]
+    rng = random.Random(11)
+    for _ in range(20000):
+        tail = bytes(rng.choice(alphabet) for _ in range(rng.randrange(1, 12)))
+        paths.append(b"/data/" + tail)
+    taken = [p for p in paths if _ROUTE.match(p)]
+    assert len(taken) > 100  # the sample reaches the pattern
+    for path in taken:
+        assert b"%" not in path and allowed(path), path

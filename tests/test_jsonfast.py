@@ -81,6 +81,19 @@ TEXTS = [
     b"\xff",
     b'{"a":"\xc3\xa9"}',
     b'{"a":1,"a":2}',
+    b'{"a":1}  x',
+]
+
+#: Not UTF-8 as CouchDB sends it: json.loads detects the encoding (and decodes surrogates).
+OTHER_ENCODINGS = [
+    b'\xef\xbb\xbf{"a":1}',
+    '{"a":1}'.encode("utf-16"),
+    '{"a":1}'.encode("utf-16-le"),
+    '{"a":1}'.encode("utf-16-be"),
+    '{"a":1}'.encode("utf-32"),
+    b'{"s":"\xed\xa0\x80"}',
+    b"[\x00]\x00",
+    b"\xff\xfe",
 ]
 
 
@@ -95,9 +108,34 @@ def _outcome(parse: Any, raw: bytes) -> tuple[str, Any]:
     )
 
 
-@pytest.mark.parametrize("raw", TEXTS, ids=range(len(TEXTS)))
+@pytest.mark.parametrize("raw", TEXTS + OTHER_ENCODINGS, ids=range(len(TEXTS + OTHER_ENCODINGS)))
 def test_loads_is_json_loads(raw: bytes) -> None:
     assert _outcome(jsonfast.loads, raw) == _outcome(json.loads, raw)
+
+
+@pytest.mark.parametrize("text", ['{"a":1} x', '{"a":1}\n\n,', "[1]]", '"x" "y"', "1 2"])
+def test_decode_errors_are_decodes(text: str) -> None:
+    with pytest.raises(json.JSONDecodeError) as expected:
+        json.JSONDecoder().decode(text)
+    with pytest.raises(json.JSONDecodeError) as got:
+        jsonfast.decode(json.JSONDecoder(), text)
+    assert (got.value.msg, got.value.pos) == (expected.value.msg, expected.value.pos)
+
+
+def test_a_body_is_parsed_once_whatever_follows_it() -> None:
+    """Whitespace after the value (a client may send a megabyte of it) does not make the
+    parser, and its hooks, run twice."""
+    objects = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        objects.append(items)
+        return dict(items)
+
+    decoder = json.JSONDecoder(object_pairs_hook=pairs)
+    for text in ['{"a":{"b":1}}', '{"a":{"b":1}}\n', '{"a":{"b":1}}' + " \r\n\t" * 1000]:
+        objects.clear()
+        assert jsonfast.decode(decoder, text) == {"a": {"b": 1}}
+        assert len(objects) == 2, text[:20]
 
 
 def _strict_reference(raw: bytes) -> Any:

@@ -210,16 +210,16 @@ def check_body(body: dict[str, Any], *, url_id: str | None) -> dict[str, Any]:
 
 def _too_deep(value: Any, limit: int) -> bool:
     """Whether JSON ``value`` nests deeper than ``limit`` (iteratively: no recursion)."""
-    if value.__class__ is not dict and value.__class__ is not list:
-        return False  # a scalar (JSON values are plain dicts and lists)
+    if not isinstance(value, (dict, list)):
+        return False  # a scalar
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
         if depth >= limit:
             return True
         # Only containers go on the stack: a scalar cannot nest (most fields are scalars).
-        for child in item.values() if item.__class__ is dict else item:
-            if child.__class__ is dict or child.__class__ is list:
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, (dict, list)):
                 stack.append((child, depth + 1))
     return False
 

@@ -12,6 +12,7 @@ accelerator is missing (another Python), they are ``json.dumps`` and ``json.load
 from __future__ import annotations
 
 import json
+import re
 from json import encoder as _encoder
 from typing import Any
 
@@ -21,6 +22,7 @@ _make_encoder = _encoder.c_make_encoder  # type: ignore[attr-defined]
 _escape = _encoder.encode_basestring_ascii
 _default = json.JSONEncoder().default  # TypeError: "Object of type X is not JSON serializable"
 _decoder = json.JSONDecoder()
+_whitespace = re.compile(r"[ \t\n\r]*").match  # JSON's whitespace, as json.decoder's
 
 
 def dumps(value: Any) -> str:
@@ -34,17 +36,26 @@ def dumps(value: Any) -> str:
 
 
 def decode(decoder: json.JSONDecoder, text: str) -> Any:
-    """``decoder.decode(text)``, the usual case (a value from the first character on, then
-    nothing or CouchDB's closing newline) in one call to the C scanner."""
+    """``decoder.decode(text)`` (the same value, the same errors), the usual case (a value from
+    the first character on) in one call to the C scanner and the text parsed once."""
     try:
         value, end = decoder.scan_once(text, 0)  # type: ignore[attr-defined]
     except StopIteration:  # whitespace first, or no value at all: decode says which
         return decoder.decode(text)
-    if end == len(text) or (end == len(text) - 1 and text[end] == "\n"):
-        return value
-    return decoder.decode(text)  # more after the value: decode's own rules
+    if end != len(text):  # whitespace may follow (CouchDB ends with a newline), nothing else
+        after = _whitespace(text, end).end()  # type: ignore[union-attr]  # "*": always matches
+        if after != len(text):
+            raise json.JSONDecodeError("Extra data", text, after)  # decode's own error
+    return value
 
 
 def loads(raw: bytes) -> Any:
-    """``json.loads(raw)`` for UTF-8 ``raw`` (what CouchDB sends); ValueError if not JSON."""
-    return decode(_decoder, raw.decode("utf-8"))
+    """``json.loads(raw)``: UTF-8 (what CouchDB sends) here, anything else (a byte order mark,
+    UTF-16 or -32, an encoded surrogate) by ``json.loads`` itself; ValueError if not JSON."""
+    if raw[:4].find(b"\x00") >= 0 or raw[:3] == b"\xef\xbb\xbf":
+        return json.loads(raw)  # UTF-16/32 or a BOM: json's own encoding detection
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return json.loads(raw)  # json decodes with surrogatepass; it raises or parses
+    return decode(_decoder, text)
