@@ -1194,6 +1194,12 @@ class DataService:
         result = await db.create_index(
             [layout.TAG, *fields], name=name, ddoc=layout.index_ddoc(collection, name)
         )
+        # Known here from now on: a sorted query right after the declaration does not depend
+        # on CouchDB's _index listing showing it yet (under load it once did not).
+        key = (identity_db(idn, "data"), collection)
+        known = [i for i in self._indexes.get(key, existing) if i["name"] != name]
+        known.append({"name": name, "fields": fields})
+        self._indexes[key] = sorted(known, key=lambda i: (i["fields"], i["name"]))
         outcome = "exists" if result.get("result") == "exists" else "created"
         return {"name": name, "fields": fields, "result": outcome}
 
