@@ -123,6 +123,14 @@ def http_date() -> bytes:
     return _date_value
 
 
+def _may_be_form(content_type: bytes) -> bool:
+    """Whether twisted.web may read a POST body of this Content-Type as a form (into the
+    query arguments): the word "form", or an RFC 2047 encoded word that could spell it.
+    (``find``, not ``in``: a bytes ``in`` first tries its operand as an integer, and the
+    TypeError it makes and drops costs more than the search.)"""
+    return content_type.lower().find(b"form") >= 0 or content_type.find(b"=?") >= 0
+
+
 class VibeRequest(Request):
     """A Request that refuses bodies over its route's limit as soon as it can tell, sends the
     base security headers, names no server version, and answers a URL that is not UTF-8 with
@@ -194,9 +202,7 @@ class VibeRequest(Request):
         # A type that cannot name a form (a JSON body's) skips that; forms are decoded as ever.
         if command == b"POST" and self._parsePOSTFormSubmission:
             ctype = self.requestHeaders._rawHeaders.get(b"Content-Type")
-            # (``find``, not ``in``: a bytes ``in`` first tries its operand as an integer,
-            # and the TypeError it makes and drops costs more than the search.)
-            if ctype and ctype[0].lower().find(b"form") < 0 and ctype[0].find(b"=?") < 0:
+            if ctype and not _may_be_form(ctype[0]):
                 self._parsePOSTFormSubmission = False
         super().requestReceived(command, path, version)
 
@@ -361,12 +367,12 @@ def _simple_response(transport: Any, status: bytes, detail: str, slug: str) -> N
 
 #: Headers the one-pass parse leaves to twisted.web's parser.
 _WHOLE_REQUEST_ODD = frozenset((b"Transfer-Encoding", b"Expect"))
+#: twisted.web's own cache of canonical header names (read first: a method call saved).
+_canonical_names: dict[bytes | str, bytes] = _nameEncoder._canonicalHeaderCache
 #: A request line twisted.web's ``_parseRequestLine`` accepts, in one regular expression
 #: instead of its Python loop over every byte of the target (a fifth of the parse): a token
 #: method, a target of bytes 0x21 to 0xB0, HTTP/1.1 or 1.0, one space between each. A line
 #: this refuses goes to twisted.web's parser, which then decides.
-#: twisted.web's own cache of canonical header names (read first: a method call saved).
-_canonical_names: dict[bytes | str, bytes] = _nameEncoder._canonicalHeaderCache
 _REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\xb0]+) (HTTP/1\.[01])\Z")
 
 
@@ -812,7 +818,7 @@ class VibeChannel(HTTPChannel):
             return None  # VibeRequest's own 400 for a URL that is not UTF-8
         if command == b"POST":
             ctype = headers.get(b"Content-Type")
-            if ctype and (ctype[0].lower().find(b"form") >= 0 or ctype[0].find(b"=?") >= 0):
+            if ctype and _may_be_form(ctype[0]):
                 return None  # twisted.web may read it as a form, into the query arguments
         policies = site.body_policies
         if policies and path.startswith(tuple(policies)):
