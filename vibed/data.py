@@ -45,7 +45,7 @@ import re
 import re._constants as sre_c  # type: ignore[import-not-found]  # no stub; 3.11+ name
 import re._parser as sre_parse  # type: ignore[import-not-found]
 import time
-from collections.abc import Iterable
+from collections.abc import Collection
 from typing import Any, Literal, cast
 from urllib.parse import quote
 
@@ -86,6 +86,8 @@ MAX_NESTING = 100  # JSON depth of a document or a value in 'q'
 
 # CouchDB revisions are "<generation>-<hash>"; treated as opaque beyond this shape check.
 _REV_RE = re.compile(r"^[0-9]{1,10}-[0-9A-Za-z]{1,128}\Z")
+_COLLECTION_RE = layout.COLLECTION_RE
+_DOC_ID_RE = layout.DOC_ID_RE
 
 Action = Literal["read", "write"]
 
@@ -119,15 +121,14 @@ _TYPES = frozenset({"null", "boolean", "number", "string", "array", "object"})
 # -- scopes ------------------------------------------------------------------------------
 
 
-def scope_allows(scopes: Iterable[str], action: Action, collection: str) -> bool:
+def scope_allows(scopes: Collection[str], action: Action, collection: str) -> bool:
     """Whether access-token scopes allow ``action`` on ``collection``.
 
     ``data:*`` allows everything; ``data:read:<collection>`` reads (documents, listings,
     queries, the index list) and ``data:write:<collection>`` writes (create, update, delete,
     declare an index) of that one collection.
     """
-    granted = set(scopes)
-    return "data:*" in granted or f"data:{action}:{collection}" in granted
+    return "data:*" in scopes or f"data:{action}:{collection}" in scopes
 
 
 # -- validation of names, ids, bodies ----------------------------------------------------
@@ -148,8 +149,12 @@ def new_doc_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
+# (check_collection and check_doc_id match layout's expressions themselves, where
+# layout.valid_* would be one more call on every request.)
+
+
 def check_collection(name: object) -> str:
-    if not isinstance(name, str) or not layout.valid_collection(name):
+    if not isinstance(name, str) or _COLLECTION_RE.match(name) is None:
         raise BadRequest(
             "Collection names are 1 to 64 characters: a lowercase letter, then lowercase "
             "letters, digits, '_' or '-'.",
@@ -159,7 +164,7 @@ def check_collection(name: object) -> str:
 
 
 def check_doc_id(doc_id: object) -> str:
-    if not isinstance(doc_id, str) or not layout.valid_doc_id(doc_id):
+    if not isinstance(doc_id, str) or _DOC_ID_RE.match(doc_id) is None:
         raise BadRequest(
             "Document ids are 1 to 200 characters: a letter or digit, then letters, digits, "
             "'.', '_', '~' or '-'.",

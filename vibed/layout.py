@@ -37,7 +37,12 @@ def valid_doc_id(doc_id: object) -> bool:
 
 
 def storage_id(collection: str, doc_id: str) -> str:
-    if not valid_collection(collection) or not valid_doc_id(doc_id):
+    if (  # valid_collection and valid_doc_id, inline: this is on every document request
+        not isinstance(collection, str)
+        or COLLECTION_RE.match(collection) is None
+        or not isinstance(doc_id, str)
+        or DOC_ID_RE.match(doc_id) is None
+    ):
         raise ValueError("invalid collection or document id")
     return f"{collection}:{doc_id}"
 

@@ -16,6 +16,7 @@ proxies, which carry many clients, are exempt and must enforce it themselves).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -562,12 +563,13 @@ class VibeChannel(HTTPChannel):
 
     _vibe_phase = "head"  # head | body | handling | idle
     _vibe_timer: IDelayedCall | None = None
+    _vibe_timer_at = 0.0  # when _vibe_timer is due
     _vibe_due: Callable[[], None] | None = None  # what to call at _vibe_deadline
     _vibe_deadline = 0.0
     _vibe_body_bytes = 0
     _vibe_window_start = 0
 
-    @property
+    @functools.cached_property  # (read on every request: looked up once per connection)
     def _limits(self) -> ConnectionLimits:
         site = getattr(self, "site", None)
         return getattr(site, "limits", None) or ConnectionLimits()
@@ -583,10 +585,11 @@ class VibeChannel(HTTPChannel):
         self._vibe_deadline = deadline
         timer = self._vibe_timer
         if timer is not None:
-            if timer.getTime() <= deadline:
+            if self._vibe_timer_at <= deadline:
                 return
             timer.cancel()
         self._vibe_timer = self.callLater(delay, self._fire)
+        self._vibe_timer_at = deadline  # (timer.getTime(), without its call)
 
     def _disarm(self) -> None:
         self._vibe_due = None
@@ -618,6 +621,7 @@ class VibeChannel(HTTPChannel):
         left = self._vibe_deadline - self._vibe_seconds()
         if left > 0:
             self._vibe_timer = self.callLater(left, self._fire)
+            self._vibe_timer_at = self._vibe_deadline
             return
         self._vibe_due = None
         due()

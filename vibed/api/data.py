@@ -107,20 +107,33 @@ def _etag(request: IRequest, rev: str) -> None:
     request.setHeader(b"ETag", f'"{rev}"'.encode("ascii"))
 
 
+#: CouchDB answers the checks did not foresee; :func:`_problem_for` says what each becomes.
+_REFUSALS = (CouchBadRequest, CouchConflict, CouchNotFound, CouchUnauthorized)
+
+
+def _problem_for(refusal: Exception) -> Exception:
+    """The problem a client gets for one of the ``_REFUSALS``."""
+    if isinstance(refusal, CouchBadRequest):
+        _log.info("CouchDB refused a data request: {error}", error=refusal.error)
+        return BadRequest("The database refused the request.", slug="refused")
+    if isinstance(refusal, CouchConflict):
+        return Conflict("A concurrent change got there first; try again.")
+    if isinstance(refusal, CouchNotFound):
+        return NotFound("Not found.")
+    _log.error("CouchDB refused vibed's credentials")
+    return ServiceUnavailable("The database refused this server's credentials.")
+
+
 async def _couch(call: Awaitable[T]) -> T:
-    """Await a service call; CouchDB answers the checks did not foresee become problems."""
+    """Await a service call; CouchDB's refusals become problems (:func:`_problem_for`).
+
+    The document routes, on every request, catch ``_REFUSALS`` themselves rather than await
+    through this: each coroutine between a handler and CouchDB's answer is one more to
+    resume."""
     try:
         return await call
-    except CouchBadRequest as e:
-        _log.info("CouchDB refused a data request: {error}", error=e.error)
-        raise BadRequest("The database refused the request.", slug="refused") from None
-    except CouchConflict:
-        raise Conflict("A concurrent change got there first; try again.") from None
-    except CouchNotFound:
-        raise NotFound("Not found.") from None
-    except CouchUnauthorized:
-        _log.error("CouchDB refused vibed's credentials")
-        raise ServiceUnavailable("The database refused this server's credentials.") from None
+    except _REFUSALS as e:
+        raise _problem_for(e) from None
 
 
 class DocIdSegment(BaseConverter):
@@ -170,13 +183,13 @@ class DataAPI:
         fields = parse_fields(params.get("fields"))
         limit = parse_limit(params.get("limit"))
         bookmark = params.get("bookmark")
-        if not selector and sort is None:
-            page = await _couch(
-                self.service.list_page(idn, name, limit=limit, bookmark=bookmark, fields=fields)
-            )
-        else:
-            page = await _couch(
-                self.service.query(
+        try:
+            if not selector and sort is None:
+                page = await self.service.list_page(
+                    idn, name, limit=limit, bookmark=bookmark, fields=fields
+                )
+            else:
+                page = await self.service.query(
                     idn,
                     name,
                     selector=selector,
@@ -185,7 +198,8 @@ class DataAPI:
                     bookmark=bookmark,
                     fields=fields,
                 )
-            )
+        except _REFUSALS as e:
+            raise _problem_for(e) from None
         return json_response(request, {"docs": page.docs, "bookmark": page.bookmark})
 
     @app.route("/<collection>", methods=["POST"])
@@ -195,7 +209,10 @@ class DataAPI:
         body = check_body(read_json_object(request, MAX_DOC_BYTES), url_id=None)
         if "_rev" in body:
             raise BadRequest("A new document has no '_rev'.", slug="invalid-rev")
-        result = await _couch(self.service.create(idn, name, body))
+        try:
+            result = await self.service.create(idn, name, body)
+        except _REFUSALS as e:
+            raise _problem_for(e) from None
         request.setHeader(b"Location", f"/data/{name}/{result['id']}".encode("ascii"))
         _etag(request, result["rev"])
         return json_response(request, result, 201)
@@ -224,7 +241,10 @@ class DataAPI:
         idn, name = self._authorize(request, collection, "read")
         doc_id = check_doc_id(id)
         _params(request, ())
-        doc = await _couch(self.service.get(idn, name, doc_id))
+        try:
+            doc = await self.service.get(idn, name, doc_id)
+        except _REFUSALS as e:
+            raise _problem_for(e) from None
         _etag(request, doc["_rev"])
         return json_response(request, doc)
 
@@ -236,7 +256,10 @@ class DataAPI:
         header_rev = _if_match(request)
         body = check_body(read_json_object(request, MAX_DOC_BYTES), url_id=doc_id)
         rev = _one_rev(body.get("_rev"), header_rev)
-        result = await _couch(self.service.put(idn, name, doc_id, body, rev))
+        try:
+            result = await self.service.put(idn, name, doc_id, body, rev)
+        except _REFUSALS as e:
+            raise _problem_for(e) from None
         _etag(request, result["rev"])
         return json_response(request, result, 200 if rev is not None else 201)
 
@@ -252,7 +275,10 @@ class DataAPI:
                 "Deleting needs the document's current revision: '?rev=' or If-Match.",
                 slug="invalid-rev",
             )
-        result = await _couch(self.service.delete(idn, name, doc_id, rev))
+        try:
+            result = await self.service.delete(idn, name, doc_id, rev)
+        except _REFUSALS as e:
+            raise _problem_for(e) from None
         return json_response(request, {**result, "deleted": True})
 
 

@@ -23,7 +23,7 @@ import base64
 import functools
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, cast
 from urllib.parse import quote, unquote, urlencode, urlsplit, urlunsplit
 
@@ -381,24 +381,32 @@ class CouchServer:
             self.agent.request(b"GET", url.encode("ascii"), self._headers(json_body=False), None),
         )
 
-    async def request(
+    def request(
         self,
         method: str,
         path: str,
         *,
         params: Mapping[str, str] | None = None,
         body: Any = _NOTHING,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
         """Send ``method`` to ``path`` (already encoded, relative to ``url``); the JSON answer.
 
         The whole exchange, body included, must end within ``timeout``
         seconds, or it is aborted with :class:`CouchUnavailable`.
+
+        (Not a coroutine itself: it hands over the coroutine that does the work, so the
+        caller's ``await`` resumes one coroutine less per answer.)
         """
         if self.wire is not None:
-            return await self._request_wire(self.wire, method, path, params or {}, body)
+            return self._request_wire(self.wire, method, path, params or {}, body)
+        return self._request_agent(method, path, params or {}, body)
+
+    async def _request_agent(
+        self, method: str, path: str, params: Mapping[str, str], body: Any
+    ) -> Any:
         timed_out = False
         reader: _BodyReader | None = None
-        opening = self._open(method, path, params or {}, body)
+        opening = self._open(method, path, params, body)
 
         def expire() -> None:
             nonlocal timed_out
@@ -539,6 +547,11 @@ def _decode_bookmark(bookmark: str) -> int:
     return skip
 
 
+async def _raise(error: Exception) -> Any:
+    """A coroutine that raises ``error`` when awaited (as the coroutine it stands for would)."""
+    raise error
+
+
 def _bool(value: bool) -> str:
     return "true" if value else "false"
 
@@ -573,23 +586,30 @@ class CouchDatabase:
     # (The answers are annotated, not ``cast``: in Python 3.11 a cast is a function call, and
     # these run on every request.)
 
-    async def get(self, docid: str, *, rev: str | None = None) -> dict[str, Any]:
-        """The document ``docid`` (at ``rev`` if given); CouchNotFound if missing or deleted."""
-        params = {"rev": rev} if rev is not None else {}
-        path = f"{self._path}/{_doc_path(docid)}"
-        answer: dict[str, Any] = await self.server.request("GET", path, params=params)
-        return answer
+    # get and put are on every document read and write: not coroutines themselves, they
+    # hand over the request's (see CouchServer.request), checking the id when awaited.
 
-    async def put(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def get(self, docid: str, *, rev: str | None = None) -> Coroutine[Any, Any, dict[str, Any]]:
+        """The document ``docid`` (at ``rev`` if given); CouchNotFound if missing or deleted."""
+        try:
+            path = f"{self._path}/{_doc_path(docid)}"
+        except CouchBadRequest as e:
+            return _raise(e)
+        params = {"rev": rev} if rev is not None else None
+        return self.server.request("GET", path, params=params)
+
+    def put(self, doc: dict[str, Any]) -> Coroutine[Any, Any, dict[str, Any]]:
         """Write ``doc`` under its ``_id`` (with ``_rev`` to update); ``{ok, id, rev}``.
 
         A missing or stale ``_rev`` on an existing document raises CouchConflict.
         """
         if "_id" not in doc:
-            raise CouchBadRequest(400, "bad_request", "Document must have an _id.")
-        path = f"{self._path}/{_doc_path(doc['_id'])}"
-        answer: dict[str, Any] = await self.server.request("PUT", path, body=doc)
-        return answer
+            return _raise(CouchBadRequest(400, "bad_request", "Document must have an _id."))
+        try:
+            path = f"{self._path}/{_doc_path(doc['_id'])}"
+        except CouchBadRequest as e:
+            return _raise(e)
+        return self.server.request("PUT", path, body=doc)
 
     async def post(self, doc: dict[str, Any]) -> dict[str, Any]:
         """Create ``doc`` with a server-chosen id unless it has one; ``{ok, id, rev}``."""

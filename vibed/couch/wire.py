@@ -21,6 +21,7 @@ Cancelling the Deferred of a request aborts its connection.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,10 @@ _MAX_HEAD = 64 * 1024  # status line and headers
 _MAX_BODY = 256 * 1024 * 1024
 # chunked-body states (``_chunk_left`` when not a count of bytes left in a chunk)
 _CHUNK_SIZE, _CHUNK_END, _TRAILERS = -1, -2, -3
+#: A framing header's name and value, in a lowered head: a line's start (never the status
+#: line's, nor a folded line's), optional blanks before the colon (as a lenient reader
+#: takes them) and the value up to the CR (a stray LF stays in it, and makes it invalid).
+_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding|connection)[ \t]*:([^\r]*)")
 
 
 class Answer:
@@ -79,6 +84,7 @@ class _Connection(Protocol):
         # timer leaves it in place, and the timer sleeps again when it fires early.
         self.deadline: float | None = None
         self._timer: Any = None
+        self._timer_at = 0.0  # when _timer is due
         self._reset()
 
     def _reset(self) -> None:
@@ -93,20 +99,22 @@ class _Connection(Protocol):
         self._chunk_left = _CHUNK_SIZE  # chunked: bytes left in the chunk, or a state
 
     def send(self, data: bytes, head_only: bool, deadline: float | None = None) -> Deferred[Answer]:
-        self._reset()
+        # The reading state is fresh: made new, or reset by _finish (a connection whose
+        # answer failed is closed, and never sends again).
         self.head_only = head_only
         self.received_any = False
         self.waiting = Deferred(self._cancel)
         self.deadline = deadline
         if deadline is not None:
             timer = self._timer
-            if timer is None or timer.getTime() > deadline:
+            if timer is None or self._timer_at > deadline:
                 if timer is not None:
                     timer.cancel()
                 reactor = self.pool.reactor
                 self._timer = reactor.callLater(
                     max(0.0, deadline - reactor.seconds()), self._check_deadline
                 )
+                self._timer_at = deadline  # (timer.getTime(), without its call)
         assert self.transport is not None
         send_now(self.transport, data)
         return self.waiting
@@ -118,6 +126,7 @@ class _Connection(Protocol):
         left = self.deadline - self.pool.reactor.seconds()
         if left > 0:
             self._timer = self.pool.reactor.callLater(left, self._check_deadline)
+            self._timer_at = self.deadline
             return
         waiting, self.waiting = self.waiting, None
         self.closed = True
@@ -168,8 +177,7 @@ class _Connection(Protocol):
             self._drop()
 
     def _head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        status = lines[0].split(b" ", 2)
+        status = head.partition(b"\r\n")[0].split(b" ", 2)
         if len(status) < 2 or not status[0].startswith(b"HTTP/1."):
             raise BadAnswer("not an HTTP/1.x answer")
         try:
@@ -178,9 +186,8 @@ class _Connection(Protocol):
             raise BadAnswer("bad status code") from None
         if status[0] == b"HTTP/1.0":
             self._keep = False
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
+        # Only the framing headers matter here; the last of each kind counts.
+        for name, value in _FRAMING.findall(head.lower()):
             if name == b"content-length":
                 try:
                     self._length = int(value.strip())
@@ -189,9 +196,9 @@ class _Connection(Protocol):
                 if not 0 <= self._length <= _MAX_BODY:
                     raise BadAnswer("Content-Length out of range")
             elif name == b"transfer-encoding":
-                self._chunked = value.strip().lower() == b"chunked"
-            elif name == b"connection":
-                token = value.strip().lower()
+                self._chunked = value.strip() == b"chunked"
+            else:  # connection
+                token = value.strip()
                 if token == b"close":
                     self._keep = False
                 elif token == b"keep-alive":
