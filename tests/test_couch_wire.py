@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
 
 from vibed.couch import CouchServer
 from vibed.couch.errors import CouchUnavailable
@@ -119,3 +120,116 @@ def _sleep(seconds: float) -> Any:
     from twisted.internet.task import deferLater
 
     return deferLater(reactor, seconds, lambda: None)
+
+
+# -- the second try of a request whose reused connection failed ----------------------------
+
+
+class Closing(Protocol):
+    """Connection ``n`` (from 0) follows ``server.plans[n]``, one step per request: "ok"
+    answers, "close" closes without a byte of answer, "half" sends half an answer and closes,
+    "silent" says nothing. Connections beyond the plans, and requests beyond a plan, are
+    answered: a request sent when it should not be shows as an answer."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.index = server.connections
+        self.seen = 0
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+        self.server.connections += 1
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        assert self.transport is not None
+        for _ in range(data.count(b"\r\n\r\n")):
+            plans = self.server.plans
+            plan = plans[self.index] if self.index < len(plans) else []
+            step = plan[self.seen] if self.seen < len(plan) else "ok"
+            self.seen += 1
+            self.server.requests.append((self.index, data.split(b" ", 1)[0]))
+            if step == "ok":
+                self.transport.write(OK)
+            elif step == "close":
+                self.transport.loseConnection()
+            elif step == "half":
+                self.transport.write(OK[:-5])
+                self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.server.lost.append(self.index)
+
+
+class ClosingServer(Factory):
+    def __init__(self, *plans: list[str]) -> None:
+        self.plans = plans
+        self.connections = 0
+        self.requests: list[tuple[int, bytes]] = []
+        self.lost: list[int] = []
+
+    def buildProtocol(self, addr: Any) -> Closing:  # noqa: N802
+        return Closing(self)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_get_on_a_reused_connection_closed_unanswered_is_sent_again() -> None:
+    """The server closes an idle keep-alive connection just as a GET goes out on it (no byte
+    of an answer): the GET goes out once more, on a new connection, and is answered."""
+    server = ClosingServer(["ok", "close"], ["ok"])
+    couch, port = start(server, timeout=5)
+    try:
+        assert await couch.info() == {"ok": True}
+        assert await couch.info() == {"ok": True}  # the second try's answer
+        assert server.requests == [(0, b"GET"), (0, b"GET"), (1, b"GET")]
+    finally:
+        await couch.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_or_a_begun_answer_is_never_sent_again() -> None:
+    """A PUT may have been applied before its connection closed, and a GET whose answer had
+    begun was seen by the server: neither goes out a second time; both fail as unavailable."""
+    server = ClosingServer(["ok", "close"], ["ok", "half"])
+    couch, port = start(server, timeout=5)
+    try:
+        assert await couch.info() == {"ok": True}
+        with pytest.raises(CouchUnavailable):
+            await couch.request("PUT", "db/doc", body={"a": 1})
+        assert await couch.info() == {"ok": True}  # on connection 1
+        with pytest.raises(CouchUnavailable):
+            await couch.info()
+        assert server.requests == [(0, b"GET"), (0, b"PUT"), (1, b"GET"), (1, b"GET")]
+    finally:
+        await couch.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_during_the_second_try_cancels_it() -> None:
+    """A caller that gives up while the second try waits for its answer gets CancelledError
+    once, and the second try's connection is closed (nothing answers into a spent call)."""
+    from twisted.internet.defer import CancelledError, Deferred
+
+    server = ClosingServer(["ok", "close"], ["silent"])
+    couch, port = start(server, timeout=5)
+    try:
+        assert await couch.info() == {"ok": True}
+        call = Deferred.fromCoroutine(couch.info())
+        outcome: list[Any] = []
+        call.addBoth(outcome.append)
+        for _ in range(200):  # until the second try's request has arrived
+            if (1, b"GET") in server.requests:
+                break
+            await _sleep(0.01)
+        assert server.requests == [(0, b"GET"), (0, b"GET"), (1, b"GET")] and not outcome
+        call.cancel()
+        assert len(outcome) == 1 and isinstance(outcome[0], Failure)
+        assert outcome[0].check(CancelledError)
+        for _ in range(200):
+            if 1 in server.lost:
+                break
+            await _sleep(0.01)
+        assert server.lost == [0, 1]
+    finally:
+        await couch.close()
+        await port.stopListening()

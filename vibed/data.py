@@ -974,7 +974,7 @@ class DataService:
 
     async def _write(self, idn: str, doc: dict[str, Any]) -> dict[str, Any]:
         try:
-            return await self.db(idn).put(doc)
+            return await (self._dbs.get(idn) or self.db(idn)).put(doc)
         except CouchNotFound:
             await self._ensure_db(idn)
         try:
@@ -995,7 +995,8 @@ class DataService:
 
     async def get(self, idn: str, collection: str, doc_id: str) -> dict[str, Any]:
         try:
-            stored = await self.db(idn).get(layout.storage_id(collection, doc_id))
+            db = self._dbs.get(idn) or self.db(idn)  # (db's cache, read inline)
+            stored = await db.get(layout.storage_id(collection, doc_id))
         except CouchNotFound:
             raise NotFound(f"No document {doc_id!r} in collection {collection!r}.") from None
         return layout.from_storage_in_place(stored, collection + ":")  # a fresh parse: ours

@@ -760,7 +760,8 @@ class VibeChannel(HTTPChannel):
         if len(body) != length:
             return False
         # From here on, what lineReceived, headerReceived and the identity decoder do.
-        self.resetTimeout()
+        if self.timeOut is not None:  # (resetTimeout's own test: off for VibeSite's channels)
+            self.resetTimeout()
         lean = self._lean_route(command, path, version, headers, length)
         if lean is not None:
             self._answer_lean(command, path, headers, body, lean)

@@ -103,10 +103,6 @@ def _one_rev(*candidates: str | None) -> str | None:
     return given.pop() if given else None
 
 
-def _etag(request: IRequest, rev: str) -> None:
-    request.setHeader(b"ETag", f'"{rev}"'.encode("ascii"))
-
-
 #: CouchDB answers the checks did not foresee; :func:`_problem_for` says what each becomes.
 _REFUSALS = (CouchBadRequest, CouchConflict, CouchNotFound, CouchUnauthorized)
 
@@ -205,7 +201,8 @@ class DataAPI:
     @app.route("/<collection>", methods=["POST"])
     async def create_document(self, request: IRequest, collection: str) -> bytes:
         idn, name = self._authorize(request, collection, "write")
-        _params(request, ())
+        if getattr(request, "args", None):  # (the usual request has none: no call)
+            _params(request, ())
         body = check_body(read_json_object(request, MAX_DOC_BYTES), url_id=None)
         if "_rev" in body:
             raise BadRequest("A new document has no '_rev'.", slug="invalid-rev")
@@ -214,7 +211,7 @@ class DataAPI:
         except _REFUSALS as e:
             raise _problem_for(e) from None
         request.setHeader(b"Location", f"/data/{name}/{result['id']}".encode("ascii"))
-        _etag(request, result["rev"])
+        request.setHeader(b"ETag", f'"{result["rev"]}"'.encode("ascii"))
         return json_response(request, result, 201)
 
     # -- indexes -------------------------------------------------------------------------
@@ -222,14 +219,16 @@ class DataAPI:
     @app.route("/<collection>/_index", methods=["GET"])
     async def list_indexes(self, request: IRequest, collection: str) -> bytes:
         idn, name = self._authorize(request, collection, "read")
-        _params(request, ())
+        if getattr(request, "args", None):  # (the usual request has none: no call)
+            _params(request, ())
         indexes = await _couch(self.service.list_indexes(idn, name))
         return json_response(request, {"indexes": indexes})
 
     @app.route("/<collection>/_index", methods=["POST"])
     async def create_index(self, request: IRequest, collection: str) -> bytes:
         idn, name = self._authorize(request, collection, "write")
-        _params(request, ())
+        if getattr(request, "args", None):  # (the usual request has none: no call)
+            _params(request, ())
         fields = parse_index_fields(read_json_object(request))
         result = await _couch(self.service.create_index(idn, name, fields))
         return json_response(request, result, 201 if result["result"] == "created" else 200)
@@ -240,19 +239,21 @@ class DataAPI:
     async def get_document(self, request: IRequest, collection: str, id: str) -> bytes:
         idn, name = self._authorize(request, collection, "read")
         doc_id = check_doc_id(id)
-        _params(request, ())
+        if getattr(request, "args", None):  # (the usual request has none: no call)
+            _params(request, ())
         try:
             doc = await self.service.get(idn, name, doc_id)
         except _REFUSALS as e:
             raise _problem_for(e) from None
-        _etag(request, doc["_rev"])
+        request.setHeader(b"ETag", f'"{doc["_rev"]}"'.encode("ascii"))
         return json_response(request, doc)
 
     @app.route("/<collection>/<docid:id>", methods=["PUT"])
     async def put_document(self, request: IRequest, collection: str, id: str) -> bytes:
         idn, name = self._authorize(request, collection, "write")
         doc_id = check_doc_id(id)
-        _params(request, ())
+        if getattr(request, "args", None):  # (the usual request has none: no call)
+            _params(request, ())
         header_rev = _if_match(request)
         body = check_body(read_json_object(request, MAX_DOC_BYTES), url_id=doc_id)
         rev = _one_rev(body.get("_rev"), header_rev)
@@ -260,7 +261,7 @@ class DataAPI:
             result = await self.service.put(idn, name, doc_id, body, rev)
         except _REFUSALS as e:
             raise _problem_for(e) from None
-        _etag(request, result["rev"])
+        request.setHeader(b"ETag", f'"{result["rev"]}"'.encode("ascii"))
         return json_response(request, result, 200 if rev is not None else 201)
 
     @app.route("/<collection>/<docid:id>", methods=["DELETE"])

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -76,6 +76,11 @@ class _Connection(Protocol):
         self.waiting: Deferred[Answer] | None = None
         self.head_only = False
         self.received_any = False
+        # ``retry``: the request being answered may be sent once more, on a new connection,
+        # if this one fails before any byte of the answer (WirePool.request); ``again``: the
+        # Deferred of that second try, which the first one's Deferred now waits for.
+        self.retry: bytes | None = None
+        self.again: Deferred[Answer] | None = None
         self.idle_since = 0.0
         self.closed = False
         self.lost: Deferred[None] = Deferred()
@@ -98,11 +103,14 @@ class _Connection(Protocol):
         self._got = 0
         self._chunk_left = _CHUNK_SIZE  # chunked: bytes left in the chunk, or a state
 
-    def send(self, data: bytes, head_only: bool, deadline: float | None = None) -> Deferred[Answer]:
+    def send(
+        self, data: bytes, head_only: bool, deadline: float | None = None, retry: bool = False
+    ) -> Deferred[Answer]:
         # The reading state is fresh: made new, or reset by _finish (a connection whose
         # answer failed is closed, and never sends again).
         self.head_only = head_only
         self.received_any = False
+        self.retry = data if retry else None
         self.waiting = Deferred(self._cancel)
         self.deadline = deadline
         if deadline is not None:
@@ -135,6 +143,10 @@ class _Connection(Protocol):
         waiting.errback(WireTimeout())
 
     def _cancel(self, _: Deferred[Answer]) -> None:
+        again, self.again = self.again, None
+        if again is not None:  # the second try is under way: cancelling it fails ours
+            again.cancel()
+            return
         self.waiting = None
         self.closed = True
         if self.transport is not None:
@@ -170,8 +182,19 @@ class _Connection(Protocol):
                     return
             if self._chunked:
                 self._read_chunked(data)
-            else:
-                self._read_plain(data)
+                return
+            # A plain body (inline: the usual answer arrives whole, in one read).
+            if data:
+                self._chunks.append(data)
+                self._got += len(data)
+            if self._length is None:
+                if self._got > _MAX_BODY:
+                    raise BadAnswer("answer too large")
+                return
+            if self._got >= self._length:
+                if self._got > self._length:
+                    raise BadAnswer("more bytes than Content-Length")
+                self._finish()
         except BadAnswer as exc:
             self._fail(Failure(exc))
             self._drop()
@@ -207,19 +230,6 @@ class _Connection(Protocol):
             self._length = None
         elif self._length is None:
             self._keep = False  # the body ends when the connection does
-
-    def _read_plain(self, data: bytes) -> None:
-        if data:
-            self._chunks.append(data)
-            self._got += len(data)
-        if self._length is None:
-            if self._got > _MAX_BODY:
-                raise BadAnswer("answer too large")
-            return
-        if self._got >= self._length:
-            if self._got > self._length:
-                raise BadAnswer("more bytes than Content-Length")
-            self._finish()
 
     def _read_chunked(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data
@@ -287,8 +297,25 @@ class _Connection(Protocol):
 
     def _fail(self, failure: Failure) -> None:
         waiting, self.waiting = self.waiting, None
-        if waiting is not None:
-            waiting.errback(failure)
+        if waiting is None:
+            return
+        data, self.retry = self.retry, None
+        if data is not None and not self.received_any:
+            # A reused connection failed before any byte of the answer (a server closing
+            # it as it idled): send again on a new one, once. ``waiting`` gets that answer.
+            again = self.again = self.pool._again(data, self.head_only, self.deadline)
+            again.addBoth(self._answer_again, waiting)
+            return
+        waiting.errback(failure)
+
+    def _answer_again(self, result: Answer | Failure, waiting: Deferred[Answer]) -> None:
+        self.again = None
+        if waiting.called:
+            return
+        if isinstance(result, Failure):
+            waiting.errback(result)
+        else:
+            waiting.callback(result)
 
     def _drop(self) -> None:
         self.closed = True
@@ -373,19 +400,18 @@ class WirePool:
         :class:`WireTimeout` and the connection is aborted."""
         now = self.reactor.seconds()
         deadline = now + timeout if timeout is not None else None
-        connection = self._take(now)
-        if connection is None:
-            return Deferred.fromCoroutine(self._fresh(data, head_only, deadline))
-        d = connection.send(data, head_only, deadline)
-        if retry:
+        idle = self._idle
+        while idle:  # the newest idle connection still fresh enough to reuse
+            connection = idle.pop()
+            if connection.closed or now - connection.idle_since > self.idle_timeout:
+                connection._drop()
+                continue
+            return connection.send(data, head_only, deadline, retry)
+        return Deferred.fromCoroutine(self._fresh(data, head_only, deadline))
 
-            def again(failure: Failure) -> Any:
-                if failure.check(CancelledError, WireTimeout) or connection.received_any:
-                    return failure
-                return Deferred.fromCoroutine(self._fresh(data, head_only, deadline))
-
-            d.addErrback(again)
-        return d
+    def _again(self, data: bytes, head_only: bool, deadline: float | None) -> Deferred[Answer]:
+        """The second try of a request whose reused connection failed (see ``request``)."""
+        return Deferred.fromCoroutine(self._fresh(data, head_only, deadline))
 
     async def _fresh(self, data: bytes, head_only: bool, deadline: float | None) -> Answer:
         connection = await self._connect()
@@ -393,15 +419,6 @@ class WirePool:
             self._release(connection)
             raise WireTimeout()
         return await connection.send(data, head_only, deadline)
-
-    def _take(self, now: float) -> _Connection | None:
-        while self._idle:
-            connection = self._idle.pop()
-            if connection.closed or now - connection.idle_since > self.idle_timeout:
-                connection._drop()
-                continue
-            return connection
-        return None
 
     async def _connect(self) -> _Connection:
         connection: _Connection = await self._endpoint.connect(self._factory)
