@@ -25,6 +25,11 @@ epollreactor = pytest.importorskip("twisted.internet.epollreactor")
 
 
 class Touchy(Protocol):
+    lost: list[str] = []  # how each connection ended, as the server saw it
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802 (Twisted API)
+        Touchy.lost.append(type(reason.value).__name__)
+
     def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
         log.msg(f"got {data!r}")
         if data.startswith(b"boom"):
@@ -45,6 +50,7 @@ def converse(reactor: Any) -> tuple[list[tuple[str, str]], list[bytes]]:
             )
             events.append((event["system"], text.split("\n")[0]))
 
+    Touchy.lost = []
     port = reactor.listenTCP(0, Factory.forProtocol(Touchy), interface="127.0.0.1")
     address = ("127.0.0.1", port.getHost().port)
     answers: list[bytes] = []
@@ -88,7 +94,19 @@ def test_the_lean_loop_logs_and_recovers_as_twisteds_own() -> None:
     assert poll.install(lean)
     assert lean.doIteration.__func__ is poll._do_poll
     stock_events, stock_answers = converse(stock)
-    lean_events, lean_answers = converse(lean)
+    stock_lost = Touchy.lost
+    inline: list[Any] = []  # the connections read by the loop's inline read
+    read = poll._read
+    poll._read = lambda reactor, connection: (inline.append(connection), read(reactor, connection))
+    try:
+        lean_events, lean_answers = converse(lean)
+    finally:
+        poll._read = read
+    # Both clients' bytes and closes were read inline: the raising one, the echoed one.
+    assert len({id(c) for c in inline}) == 2
+    # The server saw both connections end, the same way: dropped for the error, then closed
+    # by the client.
+    assert Touchy.lost == stock_lost == ["RuntimeError", "ConnectionDone"]
 
     def normalized(events: list[tuple[str, str]]) -> list[tuple[str, str]]:
         # The prefix names the connection's number, which differs between the two runs.

@@ -7,7 +7,9 @@ proxied request (two ready sockets per request, the client's and CouchDB's), mea
 ``bench/cost.py``. :func:`install` puts in its place a loop that does the same things with
 fewer calls: the same ``{"system": <log prefix>}`` log context around each socket's read or
 write (so a legacy ``log.msg`` or an unhandled error still names the connection), the same
-error logging, the same ``_doReadOrWrite``.
+error logging, the same ``_doReadOrWrite``; and, for a TCP connection that is only readable
+(most events), what ``_doReadOrWrite``, ``doRead`` and ``_dataReceived`` do, inline: one
+``recv``, the bytes to the protocol, or the connection dropped as they would drop it.
 
 Only the daemon's processes install it (``twistd vibed``, each ``--workers`` process), only
 on the epoll reactor twistd picks by default, and only when that reactor still has the
@@ -18,14 +20,17 @@ has changed, runs untouched.
 from __future__ import annotations
 
 import errno
+import sys
 import types
+from select import EPOLLIN as _IN
 from typing import Any, cast
 
+from twisted.internet import main, tcp
 from twisted.python import context, log
 
 __all__ = ["install"]
 
-_NEEDS = ("_poller", "_selectables", "_doReadOrWrite", "doIteration")
+_NEEDS = ("_poller", "_selectables", "_doReadOrWrite", "_disconnectSelectable", "doIteration")
 
 
 def _do_poll(self: Any, timeout: float | None) -> None:
@@ -49,22 +54,68 @@ def _do_poll(self: Any, timeout: float | None) -> None:
         selectable = selectables.get(fd)
         if selectable is None:
             continue  # removed by an earlier socket's work in this same turn
-        try:
-            prefix = selectable.logPrefix()
-        except KeyboardInterrupt:
-            raise
-        except BaseException:
-            prefix = "(buggy logPrefix method)"
-            log.err(system=prefix)
+        kind = selectable.__class__
+        plain = _PLAIN_TCP.get(kind)
+        if plain is None:
+            plain = _PLAIN_TCP[kind] = _is_plain_tcp(kind)
+        if plain:
+            prefix = selectable.logstr  # (what tcp.Connection.logPrefix returns)
+        else:
+            try:
+                prefix = selectable.logPrefix()
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                prefix = "(buggy logPrefix method)"
+                log.err(system=prefix)
         contexts.append({log.ILogContext: {**base, "system": prefix}})
         try:
-            handle(selectable, fd, event)
+            if plain and event == _IN and selectable.fileno() != -1:
+                _read(self, selectable)
+            else:
+                handle(selectable, fd, event)
         except KeyboardInterrupt:
             raise
         except BaseException:
             log.err(system=prefix)
         finally:
             contexts.pop()
+
+
+def _read(reactor: Any, connection: Any) -> None:
+    """What ``_doReadOrWrite`` does for a TCP connection that is only readable: its
+    ``doRead`` (one ``recv``) and ``_dataReceived`` (the bytes to the protocol, or the end of
+    the connection), inline; a failure is logged and drops the connection, as there."""
+    try:
+        try:
+            data = connection.socket.recv(connection.bufferSize)
+        except OSError as se:
+            why: Any = None if se.args[0] == errno.EWOULDBLOCK else main.CONNECTION_LOST
+        else:
+            if data:
+                connection.protocol.dataReceived(data)
+                return
+            why = main.CONNECTION_DONE
+    except BaseException:
+        why = sys.exc_info()[1]
+        log.err()
+    if why:
+        reactor._disconnectSelectable(connection, why, True)
+
+
+#: Whether a selectable class reads, and names itself in the log, as tcp.Connection does
+#: (its server and client connections, TLS or not: TLS is a protocol of theirs); asked once
+#: per class. A class that changes any of it goes through ``_doReadOrWrite`` as before.
+_PLAIN_TCP: dict[type, bool] = {}
+
+
+def _is_plain_tcp(kind: type) -> bool:
+    return (
+        issubclass(kind, tcp.Connection)
+        and getattr(kind, "doRead", None) is tcp.Connection.doRead
+        and getattr(kind, "_dataReceived", None) is tcp.Connection._dataReceived
+        and getattr(kind, "logPrefix", None) is tcp.Connection.logPrefix
+    )
 
 
 def install(reactor: Any) -> bool:
