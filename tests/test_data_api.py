@@ -858,6 +858,9 @@ async def test_missing_data_database_is_recreated_for_a_live_identity(
         assert_problem(await vibed.request("GET", url("notes", "x"), token=who.token), 404)
         assert (await vibed.request("POST", url("notes"), {"a": 1}, token=who.token)).code == 201
         assert await couch.db_exists(name)
+        assert await couch.delete_db(name)  # and a PUT brings it back too
+        assert (await vibed.request("PUT", url("notes", "y"), {"b": 2}, token=who.token)).code == 201
+        assert await couch.db_exists(name)
 
         ghost = "idn:" + str(uuid.uuid4())
         ghost_token = vibed.parts.issuer.issue_access(ghost, ["data:*"])[0]

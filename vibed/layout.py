@@ -64,7 +64,9 @@ def collection_range(collection: str) -> tuple[str, str]:
 
 def to_storage(collection: str, doc_id: str, body: dict[str, Any]) -> dict[str, Any]:
     """The CouchDB document for an app body (which must not carry ``_id`` of another doc)."""
-    stored = {k: v for k, v in body.items() if k not in ("_id", TAG)}
+    stored = dict(body)  # (a copy without the two, in C: no comprehension on every write)
+    stored.pop("_id", None)
+    stored.pop(TAG, None)
     stored["_id"] = storage_id(collection, doc_id)
     stored[TAG] = collection
     return stored

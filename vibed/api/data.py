@@ -210,7 +210,10 @@ class DataAPI:
             result = await self.service.create(idn, name, body)
         except _REFUSALS as e:
             raise _problem_for(e) from None
-        request.setHeader(b"Location", f"/data/{name}/{result['id']}".encode("ascii"))
+        # (A checked collection name and an id of ours: set_clean_header's kind of value.)
+        request.responseHeaders._rawHeaders[b"Location"] = [
+            f"/data/{name}/{result['id']}".encode("ascii")
+        ]
         request.setHeader(b"ETag", f'"{result["rev"]}"'.encode("ascii"))
         return json_response(request, result, 201)
 
