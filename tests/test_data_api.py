@@ -859,7 +859,8 @@ async def test_missing_data_database_is_recreated_for_a_live_identity(
         assert (await vibed.request("POST", url("notes"), {"a": 1}, token=who.token)).code == 201
         assert await couch.db_exists(name)
         assert await couch.delete_db(name)  # and a PUT brings it back too
-        assert (await vibed.request("PUT", url("notes", "y"), {"b": 2}, token=who.token)).code == 201
+        put = await vibed.request("PUT", url("notes", "y"), {"b": 2}, token=who.token)
+        assert put.code == 201
         assert await couch.db_exists(name)
 
         ghost = "idn:" + str(uuid.uuid4())

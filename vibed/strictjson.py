@@ -121,11 +121,7 @@ def loads(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise JSONError("The JSON is not valid UTF-8.") from None
     shape = raw.translate(_NUMBER_SHAPE)
-    risky = (
-        shape.find(_LONG_RUN) >= 0
-        or shape.find(b"0e00") >= 0
-        or shape.find(b"0e+00") >= 0
-    )
+    risky = shape.find(_LONG_RUN) >= 0 or shape.find(b"0e00") >= 0 or shape.find(b"0e+00") >= 0
     decoder = _DECODER if risky else _PLAIN_NUMBERS
     try:
         value = jsonfast.decode(decoder, text)

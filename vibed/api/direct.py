@@ -99,9 +99,9 @@ class LeanDirectRoutes:
     def __init__(self, routes: DirectRoutes, *, cors: bool) -> None:
         self.routes = routes
         self.cors = cors
-
-    def match(self, method: bytes, path: bytes) -> tuple[Handler, tuple[str, ...]] | None:
-        return self.routes.route(method, path)
+        #: ``match(method, path)``: DirectRoutes.route itself (no call in between).
+        self.match: Callable[[bytes, bytes], tuple[Handler, tuple[str, ...]] | None]
+        self.match = routes.route
 
     def start(self, request: LeanRequest, route: tuple[Handler, tuple[str, ...]]) -> None:
         # Every path a route matched is plain /data/... (no '%': _ROUTE), which
