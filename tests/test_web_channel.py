@@ -112,3 +112,35 @@ def test_form_bodies_are_still_decoded_and_json_bodies_left_alone() -> None:
     )
     assert post(b"application/json", b'{"a": "1"}').endswith(b'args: body:{"a": "1"}')
     assert post(b"application/json; x=form", b"a=1").endswith(b"args: body:a=1")
+
+
+def test_the_connection_wrapper_resumes_only_what_it_paused() -> None:
+    """The channel resumes its producer after every request; the per-address wrapper passes a
+    resume on to the transport only when a pause came through it before (a transport never
+    paused would only be told to start reading again)."""
+    from vibed.web import AddressLimit
+
+    class Recording(StringTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def pauseProducing(self) -> None:  # noqa: N802 (Twisted API)
+            self.calls.append("pause")
+            super().pauseProducing()
+
+        def resumeProducing(self) -> None:  # noqa: N802
+            self.calls.append("resume")
+            super().resumeProducing()
+
+    limit = AddressLimit(VibeSite(Hello(), access_log="off"))
+    wrapper: Any = limit.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+    transport = Recording()
+    wrapper.makeConnection(transport)
+    wrapper.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")  # served: the channel resumes
+    assert transport.value().startswith(b"HTTP/1.1 200 ") and transport.calls == []
+    wrapper.pauseProducing()
+    wrapper.resumeProducing()
+    wrapper.resumeProducing()
+    assert transport.calls == ["pause", "resume"]
+    assert transport.producerState == "producing"

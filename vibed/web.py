@@ -1167,17 +1167,24 @@ class _Counted(ProtocolWrapper):
         self.factory.release(self.address)
         super().connectionLost(reason)
 
-    # The HTTP channel resumes its producer (this wrapper) after every request; without
-    # these, ProtocolWrapper's ``__getattr__`` finds them on the transport only after an
-    # AttributeError is made and dropped, each time.
+    # The HTTP channel resumes its producer (this wrapper) after every request, paused or
+    # not; without these, ProtocolWrapper's ``__getattr__`` would find them on the transport
+    # only after an AttributeError is made and dropped, each time. A resume goes on to the
+    # transport only after a pause came through here: the transport's own resume (start
+    # reading: four calls down to the reactor) is a no-op for one that was never paused, and
+    # most requests pause nothing.
+    _paused = False
 
     def pauseProducing(self) -> None:  # noqa: N802 (Twisted API)
+        self._paused = True
         transport: Any = self.transport
         transport.pauseProducing()
 
     def resumeProducing(self) -> None:  # noqa: N802 (Twisted API)
-        transport: Any = self.transport
-        transport.resumeProducing()
+        if self._paused:
+            self._paused = False
+            transport: Any = self.transport
+            transport.resumeProducing()
 
     def stopProducing(self) -> None:  # noqa: N802 (Twisted API)
         transport: Any = self.transport
