@@ -682,10 +682,9 @@ class VibeChannel(HTTPChannel):
         self._arm(self._limits.header_timeout, self._head_too_slow)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        if self._vibe_phase == "idle" and data:
-            # The first byte of the next request: its head has header_timeout from now.
+        starting = self._vibe_phase == "idle" and data
+        if starting:
             self._vibe_phase = "head"
-            self._arm(self._limits.header_timeout, self._head_too_slow)
         elif self._vibe_phase == "body":
             self._vibe_body_bytes += len(data)
         if (
@@ -702,7 +701,10 @@ class VibeChannel(HTTPChannel):
             and not self._receivedHeaderSize
             and self._whole_request(data)
         ):
-            return
+            return  # the whole head is here: no deadline for it to keep
+        if starting:
+            # The first byte of the next request: its head has header_timeout from now.
+            self._arm(self._limits.header_timeout, self._head_too_slow)
         super().dataReceived(data)
 
     def _whole_request(self, data: bytes) -> bool:
