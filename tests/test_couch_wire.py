@@ -233,3 +233,83 @@ async def test_cancelling_during_the_second_try_cancels_it() -> None:
     finally:
         await couch.close()
         await port.stopListening()
+
+
+# -- how an answer's head is read --------------------------------------------------------------
+
+
+class Raw(Protocol):
+    """Answers each request with the next of ``server.answers`` (bytes, as given)."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+        self.server.connections += 1
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        assert self.transport is not None
+        for _ in range(data.count(b"\r\n\r\n")):
+            self.transport.write(self.server.answers.pop(0))
+
+
+class RawServer(Factory):
+    def __init__(self, *answers: bytes) -> None:
+        self.answers = list(answers)
+        self.connections = 0
+
+    def buildProtocol(self, addr: Any) -> Raw:  # noqa: N802
+        return Raw(self)
+
+
+_BODY = b'{"ok":true}'
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Content-Length: 2\rX-A: b",  # a bare CR could end the value early
+        b"Content-Length: 11\r\nX-A: a\r\n Content-Length: 3",  # a folded line
+        b"Content-Length: 11\r\nX-A: a\r\n\tTransfer-Encoding: chunked",
+        b"Content-Length: 11\r\nContent-Length: 12",  # two lengths that differ
+        b"Content-Length: 1x",
+        b"Content-Length: -1",
+    ],
+    ids=["bare CR", "folded length", "folded chunked", "two lengths", "bad length", "negative"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_malformed_answer_head_is_refused(head: bytes) -> None:
+    """Heads a wrong framing could be read from fail as unavailable (the connection is
+    dropped, never reused: the next request is answered on a new one)."""
+    server = RawServer(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n" + _BODY, OK)
+    couch, port = start(server, timeout=5)
+    try:
+        with pytest.raises(CouchUnavailable):
+            await couch.info()
+        assert await couch.info() == {"ok": True}
+        assert server.connections == 2
+    finally:
+        await couch.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_framing_headers_in_any_case_and_chunked_over_a_length() -> None:
+    """Header names in any case; the same length twice is one length; chunked wins over a
+    Content-Length, and such a connection is not reused."""
+    chunked = b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 3\r\nTRANSFER-encoding: Chunked\r\n\r\n"
+    server = RawServer(
+        b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH: 11\r\nContent-Length: 11\r\n\r\n" + _BODY,
+        chunked + b"b\r\n" + _BODY + b"\r\n0\r\n\r\n",
+        OK,
+    )
+    couch, port = start(server, timeout=5)
+    try:
+        assert await couch.info() == {"ok": True}
+        assert await couch.info() == {"ok": True}
+        assert server.connections == 1
+        assert await couch.info() == {"ok": True}
+        assert server.connections == 2  # the chunked-and-length answer's connection was closed
+    finally:
+        await couch.close()
+        await port.stopListening()

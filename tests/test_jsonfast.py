@@ -183,6 +183,9 @@ STRICT = [
     b"[1e99, 9.9e9, 1e9, -0, -0.0, 0e0, 12345678901234567890]",
     b'{"s":"' + b"1" * 400 + b'", "n":' + b"9" * 320 + b"}",
     b'{"' + b"7" * 300 + b'":1}',
+    # Over strictjson._SHAPE_CHECKED: the checked parse, whatever the numbers.
+    b'{"pad":"' + b"x" * 70_000 + b'", "n":' + b"9" * 320 + b"}",
+    b'{"pad":"' + b"x" * 70_000 + b'", "n":[1, 2.5, -3e2, 1e308]}',
     b'\t{"ok": [1, 2.5, "x"]}  \r\n',
     b"[" * 5000 + b"]" * 5000,
 ]

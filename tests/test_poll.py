@@ -129,3 +129,44 @@ def test_only_twisteds_epoll_reactor_is_changed() -> None:
     before = other.doIteration
     assert not poll.install(other)
     assert other.doIteration == before
+
+
+def test_a_connection_aborted_in_the_same_turn_reads_nothing() -> None:
+    """Two connections ready in one turn; the first one read aborts the other and makes it
+    read again (as a resume would): the other's bytes never reach its protocol, as with
+    twisted's own loop (an aborted connection's doRead is a no-op until it is lost)."""
+    reactor = epollreactor.EPollReactor()
+    assert poll.install(reactor)
+    got: list[bytes] = []
+    servers: list[Any] = []
+
+    class Pair(Protocol):
+        def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+            servers.append(self)
+
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            got.append(data)
+            other = servers[1 - servers.index(self)].transport
+            if not other.disconnecting and not got[1:]:
+                other.abortConnection()
+                other.startReading()
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Pair), interface="127.0.0.1")
+    address = ("127.0.0.1", port.getHost().port)
+    clients = [socket.create_connection(address, timeout=5) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 5
+        while len(servers) < 2 and time.monotonic() < deadline:
+            reactor.iterate(0.01)
+        assert len(servers) == 2
+        for client in clients:
+            client.sendall(b"hello")
+        time.sleep(0.2)  # both sockets readable before the next turn
+        reactor.iterate(0)
+        assert got == [b"hello"]  # the first read; the aborted one read nothing
+    finally:
+        for client in clients:
+            client.close()
+        port.stopListening()
+        for _ in range(5):
+            reactor.iterate(0.01)

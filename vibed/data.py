@@ -45,7 +45,6 @@ import re
 import re._constants as sre_c  # type: ignore[import-not-found]  # no stub; 3.11+ name
 import re._parser as sre_parse  # type: ignore[import-not-found]
 import time
-from collections.abc import Collection
 from typing import Any, Literal, cast
 from urllib.parse import quote
 
@@ -121,7 +120,7 @@ _TYPES = frozenset({"null", "boolean", "number", "string", "array", "object"})
 # -- scopes ------------------------------------------------------------------------------
 
 
-def scope_allows(scopes: Collection[str], action: Action, collection: str) -> bool:
+def scope_allows(scopes: tuple[str, ...], action: Action, collection: str) -> bool:
     """Whether access-token scopes allow ``action`` on ``collection``.
 
     ``data:*`` allows everything; ``data:read:<collection>`` reads (documents, listings,

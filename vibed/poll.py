@@ -70,7 +70,12 @@ def _do_poll(self: Any, timeout: float | None) -> None:
                 log.err(system=prefix)
         contexts.append({log.ILogContext: {**base, "system": prefix}})
         try:
-            if plain and event == _IN and selectable.fileno() != -1:
+            if (
+                plain
+                and event == _IN
+                and "doRead" not in selectable.__dict__  # (aborted, or still connecting)
+                and selectable.fileno() != -1
+            ):
                 _read(self, selectable)
             else:
                 handle(selectable, fd, event)
@@ -85,7 +90,9 @@ def _do_poll(self: Any, timeout: float | None) -> None:
 def _read(reactor: Any, connection: Any) -> None:
     """What ``_doReadOrWrite`` does for a TCP connection that is only readable: its
     ``doRead`` (one ``recv``) and ``_dataReceived`` (the bytes to the protocol, or the end of
-    the connection), inline; a failure is logged and drops the connection, as there."""
+    the connection), inline; a failure is logged and drops the connection, as there. Only
+    for a connection whose ``doRead`` is its class's: twisted replaces it on the connection
+    itself while it connects and after ``abortConnection`` (when it must read nothing)."""
     try:
         try:
             data = connection.socket.recv(connection.bufferSize)

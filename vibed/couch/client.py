@@ -404,6 +404,7 @@ class CouchServer:
     async def _request_agent(
         self, method: str, path: str, params: Mapping[str, str], body: Any
     ) -> Any:
+        """``request`` through treq's agent (a server made without the wire pool)."""
         timed_out = False
         reader: _BodyReader | None = None
         opening = self._open(method, path, params, body)

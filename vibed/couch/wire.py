@@ -45,8 +45,9 @@ _MAX_BODY = 256 * 1024 * 1024
 # chunked-body states (``_chunk_left`` when not a count of bytes left in a chunk)
 _CHUNK_SIZE, _CHUNK_END, _TRAILERS = -1, -2, -3
 #: A framing header's name and value, in a lowered head: a line's start (never the status
-#: line's, nor a folded line's), optional blanks before the colon (as a lenient reader
-#: takes them) and the value up to the CR (a stray LF stays in it, and makes it invalid).
+#: line's), optional blanks before the colon (as a lenient reader takes them) and the value
+#: up to the CR (a stray LF stays in it, and makes it invalid). A head with a CR outside a
+#: CRLF, or a folded line, is refused before this is asked (_head).
 _FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding|connection)[ \t]*:([^\r]*)")
 
 
@@ -209,15 +210,27 @@ class _Connection(Protocol):
             raise BadAnswer("bad status code") from None
         if status[0] == b"HTTP/1.0":
             self._keep = False
-        # Only the framing headers matter here; the last of each kind counts.
+        # A bare CR could end a value early, and a folded line (obs-fold) continue one: CouchDB
+        # sends neither, and an answer framed wrongly would leave the next request on this
+        # connection reading the rest of it. Refused, as malformed.
+        if (
+            head.count(b"\r") != head.count(b"\r\n")
+            or head.find(b"\r\n ") >= 0
+            or head.find(b"\r\n\t") >= 0
+        ):
+            raise BadAnswer("malformed answer head")
+        # Only the framing headers matter here.
         for name, value in _FRAMING.findall(head.lower()):
             if name == b"content-length":
                 try:
-                    self._length = int(value.strip())
+                    length = int(value.strip())
                 except ValueError:
                     raise BadAnswer("bad Content-Length") from None
-                if not 0 <= self._length <= _MAX_BODY:
+                if not 0 <= length <= _MAX_BODY:
                     raise BadAnswer("Content-Length out of range")
+                if self._length is not None and length != self._length:
+                    raise BadAnswer("two different Content-Lengths")
+                self._length = length
             elif name == b"transfer-encoding":
                 self._chunked = value.strip() == b"chunked"
             else:  # connection
@@ -227,6 +240,8 @@ class _Connection(Protocol):
                 elif token == b"keep-alive":
                     self._keep = True
         if self._chunked:
+            if self._length is not None:
+                self._keep = False  # chunked wins over Content-Length; never reuse (RFC 9112)
             self._length = None
         elif self._length is None:
             self._keep = False  # the body ends when the connection does
