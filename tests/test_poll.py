@@ -170,3 +170,67 @@ def test_a_connection_aborted_in_the_same_turn_reads_nothing() -> None:
         port.stopListening()
         for _ in range(5):
             reactor.iterate(0.01)
+
+
+def run_timed(reactor: Any) -> tuple[list[str], list[str]]:
+    """A run of ``reactor`` through timed calls (in order, nested, cancelled, raising, many
+    cancelled), a call from another thread and a stop: what happened, and what was logged."""
+    import threading
+
+    happened: list[str] = []
+    logged: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "twisted.internet.base":
+            logged.append(str(event.get("log_format", "")).split("{", 1)[0])
+
+    def nested() -> None:
+        happened.append("t2")
+        reactor.callLater(0, happened.append, "nested")
+
+    def boom() -> None:
+        raise RuntimeError("boom in a timed call")
+
+    reactor.callLater(0.05, happened.append, "t3")
+    reactor.callLater(0.01, happened.append, "t1")
+    reactor.callLater(0.02, nested)
+    reactor.callLater(0.03, boom)
+    reactor.callLater(0.04, happened.append, "never").cancel()
+    for call in [reactor.callLater(10, happened.append, "never") for _ in range(120)]:
+        call.cancel()
+    reactor.callLater(0.06, reactor.callLater, 0.01, happened.append, "after the sweep")
+    threading.Timer(0.08, reactor.callFromThread, (happened.append, "from a thread")).start()
+    reactor.addSystemEventTrigger("before", "shutdown", happened.append, "shutdown")
+    reactor.callLater(0.3, reactor.stop)
+    globalLogPublisher.addObserver(observe)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    happened.append("ended")
+    return happened, logged
+
+
+def test_the_lean_main_loop_runs_timed_calls_as_twisteds_own() -> None:
+    """The same timed calls in the same order, the raising one logged and the loop going on,
+    the call from a thread, the shutdown, on twisted's main loop and on vibed's."""
+    stock = epollreactor.EPollReactor()
+    lean = epollreactor.EPollReactor()
+    assert poll.install(lean)
+    assert lean.mainLoop.__func__ is poll._main_loop
+    stock_run = run_timed(stock)
+    lean_run = run_timed(lean)
+    assert lean_run == stock_run
+    happened, logged = lean_run
+    assert happened == [
+        "t1",
+        "t2",
+        "nested",
+        "t3",
+        "after the sweep",
+        "from a thread",
+        "shutdown",
+        "ended",
+    ]
+    assert any(text.startswith("while handling timed call") for text in logged), logged
+    assert logged[-1] == "Main loop terminated."

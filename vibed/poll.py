@@ -9,7 +9,10 @@ fewer calls: the same ``{"system": <log prefix>}`` log context around each socke
 write (so a legacy ``log.msg`` or an unhandled error still names the connection), the same
 error logging, the same ``_doReadOrWrite``; and, for a TCP connection that is only readable
 (most events), what ``_doReadOrWrite``, ``doRead`` and ``_dataReceived`` do, inline: one
-``recv``, the bytes to the protocol, or the connection dropped as they would drop it.
+``recv``, the bytes to the protocol, or the connection dropped as they would drop it. Its
+main loop is leaner too (:func:`_main_loop`): between two polls, twisted's ``mainLoop`` runs
+``runUntilCurrent`` and ``timeout`` and enters its error handler, about ten calls a turn,
+though most turns have no timed call due.
 
 Only the daemon's processes install it (``twistd vibed``, each ``--workers`` process), only
 on the epoll reactor twistd picks by default, and only when that reactor still has the
@@ -25,11 +28,30 @@ import types
 from select import EPOLLIN as _IN
 from typing import Any, cast
 
+from twisted.internet import base as _reactor_base
 from twisted.internet import main, tcp
+from twisted.logger import Logger
 from twisted.python import context, log
 
 __all__ = ["install"]
 
+_LOG_CONTEXT = log.ILogContext
+#: What the lean main loop reads of the reactor, and twisted's top-level error handler and
+#: log (private to twisted.internet.base: without them, twisted's own main loop stays).
+_LOOP_NEEDS = (
+    "_started",
+    "_pendingTimedCalls",
+    "_newTimedCalls",
+    "_insertNewDelayedCalls",
+    "threadCallQueue",
+    "_justStopped",
+    "_cancellations",
+    "runUntilCurrent",
+    "running",
+    "seconds",
+)
+_TOP_HANDLER: Any = getattr(_reactor_base, "_topHandler", None)
+_BASE_LOG = getattr(_reactor_base, "_log", None) or Logger(namespace="twisted.internet.base")
 _NEEDS = ("_poller", "_selectables", "_doReadOrWrite", "_disconnectSelectable", "doIteration")
 
 
@@ -45,11 +67,20 @@ def _do_poll(self: Any, timeout: float | None) -> None:
         raise
     selectables = self._selectables
     handle = self._doReadOrWrite
-    # The reactor thread's context stack (what context.call pushes onto) and the log
-    # context in force at the top of the loop: each socket's work runs in a copy of it with
-    # the socket's "system", as callWithLogger's callWithContext makes.
-    contexts = context.theContextTracker.currentContext().contexts
-    base = context.get(log.ILogContext) or {}
+    # The reactor thread's context stack (what context.call pushes onto: the same list for
+    # the thread's life, found once) and the log context in force at the top of the loop
+    # (context.get, inline): each socket's work runs in a copy of it with the socket's
+    # "system", as callWithLogger's callWithContext makes.
+    contexts = self._vibe_contexts
+    if contexts is None:
+        contexts = self._vibe_contexts = context.theContextTracker.currentContext().contexts
+    base = None
+    for frame in reversed(contexts):
+        if _LOG_CONTEXT in frame:
+            base = frame[_LOG_CONTEXT]
+            break
+    if not base:
+        base = {}
     for fd, event in events:
         selectable = selectables.get(fd)
         if selectable is None:
@@ -125,6 +156,34 @@ def _is_plain_tcp(kind: type) -> bool:
     )
 
 
+def _main_loop(self: Any) -> None:
+    """``ReactorBase.mainLoop``, each turn leaner: ``runUntilCurrent`` is called only when it
+    has something to do (a call from another thread, a timed call new or due, cancelled calls
+    to sweep, a stop to announce), ``timeout`` is worked out inline, and twisted's top-level
+    error handler is entered once around the turns rather than once per turn (an error is
+    logged the same way, and the loop goes on, as there)."""
+    while self._started:
+        with _TOP_HANDLER:
+            seconds = self.seconds
+            while self._started:
+                pending = self._pendingTimedCalls
+                if (
+                    self.threadCallQueue
+                    or self._newTimedCalls
+                    or self._justStopped
+                    or self._cancellations > 50
+                    or (pending and pending[0].time <= seconds())
+                ):
+                    self.runUntilCurrent()
+                # timeout(): the new timed calls in, then how long until the first is due.
+                if self._newTimedCalls:
+                    self._insertNewDelayedCalls()
+                pending = self._pendingTimedCalls
+                wait = max(0, min(2147483, pending[0].time - seconds())) if pending else None
+                self.doIteration(self.running and wait)
+    _BASE_LOG.info("Main loop terminated.")
+
+
 def install(reactor: Any) -> bool:
     """Give ``reactor`` the leaner loop if it is twisted's epoll reactor; whether it did."""
     try:
@@ -135,5 +194,8 @@ def install(reactor: Any) -> bool:
         return False
     if not isinstance(getattr(context.theContextTracker.currentContext(), "contexts", None), list):
         return False  # twisted's context tracker is not what this loop expects
+    cast(Any, reactor)._vibe_contexts = None  # the reactor thread's, on its first turn
     cast(Any, reactor).doIteration = types.MethodType(_do_poll, reactor)
+    if _TOP_HANDLER is not None and all(hasattr(reactor, n) for n in _LOOP_NEEDS):
+        cast(Any, reactor).mainLoop = types.MethodType(_main_loop, reactor)
     return True
