@@ -269,13 +269,24 @@ _BODY = b'{"ok":true}'
     "head",
     [
         b"Content-Length: 2\rX-A: b",  # a bare CR could end the value early
-        b"Content-Length: 11\r\nX-A: a\r\n Content-Length: 3",  # a folded line
-        b"Content-Length: 11\r\nX-A: a\r\n\tTransfer-Encoding: chunked",
+        b"Content-Length: 2\nX-A: b",
+        b"Content-Length: 11\r\n 3",  # a folded line continues the length
+        b"Transfer-Encoding: chunked\r\n\tgzip\r\nContent-Length: 11",
+        b"Connection: keep-alive\r\n close\r\nContent-Length: 11",
         b"Content-Length: 11\r\nContent-Length: 12",  # two lengths that differ
         b"Content-Length: 1x",
         b"Content-Length: -1",
     ],
-    ids=["bare CR", "folded length", "folded chunked", "two lengths", "bad length", "negative"],
+    ids=[
+        "bare CR",
+        "bare LF",
+        "folded length",
+        "folded chunked",
+        "folded connection",
+        "two lengths",
+        "bad length",
+        "negative",
+    ],
 )
 @pytest_twisted.ensureDeferred
 async def test_a_malformed_answer_head_is_refused(head: bytes) -> None:
@@ -288,6 +299,22 @@ async def test_a_malformed_answer_head_is_refused(head: bytes) -> None:
             await couch.info()
         assert await couch.info() == {"ok": True}
         assert server.connections == 2
+    finally:
+        await couch.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_folded_line_continues_the_header_before_it() -> None:
+    """A folded line after another header is part of that header's value (RFC 9112): it
+    names no framing header, and the answer is read by its own Content-Length."""
+    folded = b"HTTP/1.1 200 OK\r\nX-A: a\r\n Content-Length: 3\r\nContent-Length: 11\r\n\r\n"
+    server = RawServer(folded + _BODY, OK)
+    couch, port = start(server, timeout=5)
+    try:
+        assert await couch.info() == {"ok": True}
+        assert await couch.info() == {"ok": True}
+        assert server.connections == 1
     finally:
         await couch.close()
         await port.stopListening()

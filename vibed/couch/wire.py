@@ -45,10 +45,14 @@ _MAX_BODY = 256 * 1024 * 1024
 # chunked-body states (``_chunk_left`` when not a count of bytes left in a chunk)
 _CHUNK_SIZE, _CHUNK_END, _TRAILERS = -1, -2, -3
 #: A framing header's name and value, in a lowered head: a line's start (never the status
-#: line's), optional blanks before the colon (as a lenient reader takes them) and the value
-#: up to the CR (a stray LF stays in it, and makes it invalid). A head with a CR outside a
-#: CRLF, or a folded line, is refused before this is asked (_head).
-_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding|connection)[ \t]*:([^\r]*)")
+#: line's, nor a folded line's: that continues another header's value), optional blanks
+#: before the colon (as a lenient reader takes them), the value, and then anything that makes
+#: the line malformed: a bare CR or LF in the value, or a folded line continuing it. (Only
+#: these lines decide how the answer is framed; a wrong framing would leave the next request
+#: on the connection reading the rest of this answer.)
+_FRAMING = re.compile(
+    rb"\r\n(content-length|transfer-encoding|connection)[ \t]*:([^\r\n]*)(\r\n[ \t]|\r(?!\n)|\n)?"
+)
 
 
 class Answer:
@@ -210,17 +214,10 @@ class _Connection(Protocol):
             raise BadAnswer("bad status code") from None
         if status[0] == b"HTTP/1.0":
             self._keep = False
-        # A bare CR could end a value early, and a folded line (obs-fold) continue one: CouchDB
-        # sends neither, and an answer framed wrongly would leave the next request on this
-        # connection reading the rest of it. Refused, as malformed.
-        if (
-            head.count(b"\r") != head.count(b"\r\n")
-            or head.find(b"\r\n ") >= 0
-            or head.find(b"\r\n\t") >= 0
-        ):
-            raise BadAnswer("malformed answer head")
         # Only the framing headers matter here.
-        for name, value in _FRAMING.findall(head.lower()):
+        for name, value, malformed in _FRAMING.findall(head.lower()):
+            if malformed:
+                raise BadAnswer("malformed framing header")
             if name == b"content-length":
                 try:
                     length = int(value.strip())
