@@ -17,6 +17,10 @@ from vibed.couch import CouchServer
 from vibed.cpu import CryptoPool
 from vibed.service import Components, build
 
+#: ``RateLimiter.purge(older_than=-EVERY_EVENT)`` deletes every event: the session's CouchDB
+#: keeps events of earlier tests, some dated ahead by a FakeClock they advanced.
+EVERY_EVENT = 10 * 365 * 86400
+
 
 class FakeClock:
     """Wall time plus an offset the test moves forward."""

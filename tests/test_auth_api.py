@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from harness import FakeClock, Vibed, VibedFactory, assert_problem, make_config
+from harness import EVERY_EVENT, FakeClock, Vibed, VibedFactory, assert_problem, make_config
 from twisted.internet.defer import DeferredList, ensureDeferred
 from twisted.logger import globalLogPublisher
 
@@ -248,7 +248,8 @@ async def test_repeated_failures_per_address_and_forwarded_for(make_vibed: Vibed
 
     # No trusted proxy: the peer address counts, whatever the header claims.
     direct = await make_vibed(login_limit_per_address=3)
-    await direct.parts.limiter.purge(older_than=-10)  # a clean slate for 127.0.0.1
+    # A clean slate for 127.0.0.1, events dated ahead by other tests' FakeClocks included.
+    await direct.parts.limiter.purge(older_than=-EVERY_EVENT)
     for i in range(3):
         r = await direct.request(
             "POST",
@@ -264,7 +265,7 @@ async def test_repeated_failures_per_address_and_forwarded_for(make_vibed: Vibed
         headers={"X-Forwarded-For": "192.0.2.200"},
     )
     assert_problem(blocked, 429)
-    await direct.parts.limiter.purge(older_than=-10)
+    await direct.parts.limiter.purge(older_than=-EVERY_EVENT)
 
 
 # -- access tokens -------------------------------------------------------------------------
