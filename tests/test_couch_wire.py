@@ -5,7 +5,9 @@ again; answers in time are unaffected by the timers of earlier requests."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -51,26 +53,30 @@ class ScriptedServer(Factory):
         return Scripted(self)
 
 
-def start(server: ScriptedServer, timeout: float) -> tuple[CouchServer, Any]:
+@contextlib.asynccontextmanager
+async def serving(server: Factory, couch_timeout: float) -> AsyncIterator[CouchServer]:
+    """A client (with ``couch_timeout``) of ``server``, listening for the block; both closed
+    afterwards."""
     port = reactor.listenTCP(0, server, interface="127.0.0.1")  # type: ignore[attr-defined]
-    couch = CouchServer.from_url(f"http://127.0.0.1:{port.getHost().port}/", timeout=timeout)
+    url = f"http://127.0.0.1:{port.getHost().port}/"
+    couch = CouchServer.from_url(url, timeout=couch_timeout)
     assert couch.wire is not None
-    return couch, port
+    try:
+        yield couch
+    finally:
+        await couch.close()
+        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_silent_server_times_out_on_a_new_connection() -> None:
     """No byte of an answer: CouchUnavailable(0, 'timeout') after about ``timeout``."""
-    couch, port = start(ScriptedServer(answered=0), timeout=0.5)
-    try:
+    async with serving(ScriptedServer(answered=0), couch_timeout=0.5) as couch:
         began = time.monotonic()
         with pytest.raises(CouchUnavailable) as caught:
             await couch.info()
         assert (caught.value.status, caught.value.error) == (0, "timeout")
         assert 0.4 <= time.monotonic() - began < 3
-    finally:
-        await couch.close()
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -79,8 +85,7 @@ async def test_a_reused_connection_that_stalls_times_out_and_is_dropped() -> Non
     timer was set), then a third that stops half-way through its body: a timeout, and the
     next request goes out on a new connection."""
     server = ScriptedServer(answered=2, partial=True)
-    couch, port = start(server, timeout=0.6)
-    try:
+    async with serving(server, couch_timeout=0.6) as couch:
         assert await couch.info() == {"ok": True}
         await _sleep(0.4)
         assert await couch.info() == {"ok": True}  # reused; past the first request's timer
@@ -92,9 +97,6 @@ async def test_a_reused_connection_that_stalls_times_out_and_is_dropped() -> Non
         assert 0.5 <= time.monotonic() - began < 3
         assert await couch.info() == {"ok": True}  # a fresh connection answers again
         assert server.connections == 2
-    finally:
-        await couch.close()
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -102,8 +104,7 @@ async def test_answers_in_time_never_time_out() -> None:
     """Many requests on a connection over longer than ``timeout`` in total, each answered
     at once: none fails (an earlier request's deadline never cuts a later one)."""
     server = ScriptedServer(answered=10_000)
-    couch, port = start(server, timeout=0.3)
-    try:
+    async with serving(server, couch_timeout=0.3) as couch:
         began = time.monotonic()
         count = 0
         while time.monotonic() - began < 1.0:
@@ -111,9 +112,6 @@ async def test_answers_in_time_never_time_out() -> None:
             count += 1
             await _sleep(0.02)
         assert count > 10 and server.connections == 1
-    finally:
-        await couch.close()
-        await port.stopListening()
 
 
 def _sleep(seconds: float) -> Any:
@@ -175,14 +173,10 @@ async def test_a_get_on_a_reused_connection_closed_unanswered_is_sent_again() ->
     """The server closes an idle keep-alive connection just as a GET goes out on it (no byte
     of an answer): the GET goes out once more, on a new connection, and is answered."""
     server = ClosingServer(["ok", "close"], ["ok"])
-    couch, port = start(server, timeout=5)
-    try:
+    async with serving(server, couch_timeout=5) as couch:
         assert await couch.info() == {"ok": True}
         assert await couch.info() == {"ok": True}  # the second try's answer
         assert server.requests == [(0, b"GET"), (0, b"GET"), (1, b"GET")]
-    finally:
-        await couch.close()
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -190,8 +184,7 @@ async def test_a_write_or_a_begun_answer_is_never_sent_again() -> None:
     """A PUT may have been applied before its connection closed, and a GET whose answer had
     begun was seen by the server: neither goes out a second time; both fail as unavailable."""
     server = ClosingServer(["ok", "close"], ["ok", "half"])
-    couch, port = start(server, timeout=5)
-    try:
+    async with serving(server, couch_timeout=5) as couch:
         assert await couch.info() == {"ok": True}
         with pytest.raises(CouchUnavailable):
             await couch.request("PUT", "db/doc", body={"a": 1})
@@ -199,9 +192,6 @@ async def test_a_write_or_a_begun_answer_is_never_sent_again() -> None:
         with pytest.raises(CouchUnavailable):
             await couch.info()
         assert server.requests == [(0, b"GET"), (0, b"PUT"), (1, b"GET"), (1, b"GET")]
-    finally:
-        await couch.close()
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -211,8 +201,7 @@ async def test_cancelling_during_the_second_try_cancels_it() -> None:
     from twisted.internet.defer import CancelledError, Deferred
 
     server = ClosingServer(["ok", "close"], ["silent"])
-    couch, port = start(server, timeout=5)
-    try:
+    async with serving(server, couch_timeout=5) as couch:
         assert await couch.info() == {"ok": True}
         call = Deferred.fromCoroutine(couch.info())
         outcome: list[Any] = []
@@ -230,9 +219,6 @@ async def test_cancelling_during_the_second_try_cancels_it() -> None:
                 break
             await _sleep(0.01)
         assert server.lost == [0, 1]
-    finally:
-        await couch.close()
-        await port.stopListening()
 
 
 # -- how an answer's head is read --------------------------------------------------------------
@@ -293,15 +279,11 @@ async def test_a_malformed_answer_head_is_refused(head: bytes) -> None:
     """Heads a wrong framing could be read from fail as unavailable (the connection is
     dropped, never reused: the next request is answered on a new one)."""
     server = RawServer(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n" + _BODY, OK)
-    couch, port = start(server, timeout=5)
-    try:
+    async with serving(server, couch_timeout=5) as couch:
         with pytest.raises(CouchUnavailable):
             await couch.info()
         assert await couch.info() == {"ok": True}
         assert server.connections == 2
-    finally:
-        await couch.close()
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -310,14 +292,10 @@ async def test_a_folded_line_continues_the_header_before_it() -> None:
     names no framing header, and the answer is read by its own Content-Length."""
     folded = b"HTTP/1.1 200 OK\r\nX-A: a\r\n Content-Length: 3\r\nContent-Length: 11\r\n\r\n"
     server = RawServer(folded + _BODY, OK)
-    couch, port = start(server, timeout=5)
-    try:
+    async with serving(server, couch_timeout=5) as couch:
         assert await couch.info() == {"ok": True}
         assert await couch.info() == {"ok": True}
         assert server.connections == 1
-    finally:
-        await couch.close()
-        await port.stopListening()
 
 
 @pytest_twisted.ensureDeferred
@@ -330,13 +308,9 @@ async def test_framing_headers_in_any_case_and_chunked_over_a_length() -> None:
         chunked + b"b\r\n" + _BODY + b"\r\n0\r\n\r\n",
         OK,
     )
-    couch, port = start(server, timeout=5)
-    try:
+    async with serving(server, couch_timeout=5) as couch:
         assert await couch.info() == {"ok": True}
         assert await couch.info() == {"ok": True}
         assert server.connections == 1
         assert await couch.info() == {"ok": True}
         assert server.connections == 2  # the chunked-and-length answer's connection was closed
-    finally:
-        await couch.close()
-        await port.stopListening()
