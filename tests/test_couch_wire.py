@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import AlreadyCalledError, CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from vibed.couch import CouchServer
 from vibed.couch.errors import CouchUnavailable
+from vibed.couch.wire import Pending
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
 
@@ -314,3 +316,63 @@ async def test_framing_headers_in_any_case_and_chunked_over_a_length() -> None:
         assert server.connections == 1
         assert await couch.info() == {"ok": True}
         assert server.connections == 2  # the chunked-and-length answer's connection was closed
+
+
+# -- Pending: an ordinary Deferred unless a driver sets ``resume`` ---------------------------
+
+
+def test_pending_without_resume_is_an_ordinary_deferred() -> None:
+    got: list[object] = []
+    ok: Pending = Pending()
+    ok.addCallback(got.append)
+    ok.callback("answer")
+    bad: Pending = Pending()
+    bad.addErrback(lambda f: got.append(f.type))
+    bad.errback(ValueError("no"))
+    assert got == ["answer", ValueError]
+    with pytest.raises(AlreadyCalledError):
+        ok.callback("again")
+
+
+def test_pending_with_resume_hands_over_its_result_once() -> None:
+    resumed: list[object] = []
+    waiting: Pending = Pending()
+    waiting.resume = resumed.append
+    waiting.callback("answer")
+    assert resumed == ["answer"] and waiting.called and waiting.result == "answer"
+    with pytest.raises(AlreadyCalledError):
+        waiting.callback("again")
+    failing: Pending = Pending()
+    failing.resume = resumed.append
+    failing.errback(ValueError("no"))
+    assert isinstance(resumed[-1], Failure) and resumed[-1].type is ValueError
+    cancelled: Pending = Pending()
+    cancelled.resume = resumed.append
+    cancelled.cancel()  # no canceller: fails with CancelledError, through resume
+    assert resumed[-1].type is CancelledError  # type: ignore[union-attr]
+
+
+def test_pending_with_resume_and_callbacks_runs_the_chain() -> None:
+    """Another waiter's callbacks are never skipped: the chain runs, and resume is not
+    called."""
+    resumed: list[object] = []
+    chained: list[object] = []
+    waiting: Pending = Pending()
+    waiting.resume = resumed.append
+    waiting.addCallback(chained.append)
+    waiting.callback("answer")
+    assert chained == ["answer"] and resumed == []
+
+
+def test_pending_awaited_by_twisted_coroutines() -> None:
+    """A coroutine driven by Deferred.fromCoroutine (not the document routes' driver) waits
+    for a Pending as for any Deferred."""
+    waiting: Pending = Pending()
+
+    async def handler() -> object:
+        return await waiting
+
+    done = Deferred.fromCoroutine(handler())
+    assert not done.called
+    waiting.callback("answer")
+    assert done.result == "answer"

@@ -1,7 +1,8 @@
 """The document routes' own coroutine driver (vibed.api.direct._Answer): an answer goes out
 once the awaited CouchDB call answers, a failure becomes its problem+json, and a client that
 goes away first cancels the call being awaited and gets nothing written, with nothing
-logged as a failure."""
+logged as a failure. Each test runs with the awaited calls as plain Deferreds and as the wire
+client's ``Pending`` (handed to the driver without a callback chain)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,19 @@ from twisted.web.test.requesthelper import DummyChannel
 
 from vibed.api.direct import DirectRoutes
 from vibed.api.http import json_response
+from vibed.couch.wire import Pending
 from vibed.errors import NotFound
 from vibed.web import VibeRequest
+
+KIND: list[type[Deferred[Any]]] = [Deferred]
+
+
+@pytest.fixture(autouse=True, params=[Deferred, Pending], ids=["Deferred", "Pending"])
+def kind(request: pytest.FixtureRequest) -> Any:
+    """The kind of Deferred FakeData's calls answer with."""
+    KIND[0] = request.param
+    yield request.param
+    KIND[0] = Deferred
 
 
 class FakeData:
@@ -31,12 +43,12 @@ class FakeData:
         self.seen: list[object] = []
 
     async def get_document(self, request: Any, collection: str, doc_id: str) -> bytes:
-        first: Deferred[Any] = Deferred()
+        first: Deferred[Any] = KIND[0]()
         self.pending.append(first)
         try:
             value = await first
             self.seen.append(value)
-            second: Deferred[Any] = Deferred()
+            second: Deferred[Any] = KIND[0]()
             self.pending.append(second)
             more = await second
         except BaseException as e:
@@ -90,6 +102,22 @@ def test_the_answer_goes_out_after_each_await(logged: list[Any]) -> None:
     assert request.finished
     assert json.loads(written(request)) == {"collection": "notes", "id": "a1", "v": ["one", "two"]}
     assert failures(logged) == []
+
+
+def test_a_pending_answer_skips_the_callback_chain(kind: Any) -> None:
+    """The driver takes a Pending's result through ``resume``, adding no callback; a plain
+    Deferred gets the driver's one callback."""
+    data = FakeData()
+    request = start(data)
+    waiting = data.pending[0]
+    if kind is Pending:
+        assert waiting.resume is not None and waiting._callbacks == []
+    else:
+        assert len(waiting._callbacks) == 1
+    waiting.callback("one")
+    assert data.seen == ["one"] and waiting.called
+    data.pending[1].callback("two")
+    assert request.finished
 
 
 def test_an_already_answered_call_is_taken_at_once() -> None:
@@ -170,7 +198,7 @@ def test_a_canceller_that_raises_stays_inside_the_answer(logged: list[Any]) -> N
             def refuse(_: Deferred[Any]) -> None:
                 raise RuntimeError("cannot cancel")
 
-            waiting: Deferred[Any] = Deferred(refuse)
+            waiting: Deferred[Any] = KIND[0](refuse)
             self.pending.append(waiting)
             await waiting
             return b""

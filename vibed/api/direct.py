@@ -25,6 +25,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from vibed.cors import EXPOSE_HEADERS
+from vibed.couch.wire import Pending
 from vibed.errors import ServiceUnavailable, answer_failure, write_problem
 from vibed.web import ALLOW_ORIGIN, EXPOSE, LeanRequest, VibeChannel
 
@@ -173,12 +174,15 @@ class _Answer:
         except BaseException:
             self.failed(Failure())
             return None
-        if not isinstance(awaited, Deferred):
+        self.waiting = awaited
+        if type(awaited) is Pending:  # CouchDB's answer, handed to step as it comes
+            awaited.resume = self.step
+        elif isinstance(awaited, Deferred):
+            awaited.addBoth(self.step)  # returns None: the result was the handler's to take
+        else:
+            self.waiting = None
             self.coro.close()
             self.failed(Failure(TypeError(f"a document route awaited {type(awaited)!r}")))
-            return None
-        self.waiting = awaited
-        awaited.addBoth(self.step)  # returns None: the result was the handler's to take
         return None
 
     def write(self, body: bytes | None) -> None:

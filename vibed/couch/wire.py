@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 
 from vibed.web import send_now
 
-__all__ = ["Answer", "WirePool", "WireTimeout"]
+__all__ = ["Answer", "Pending", "WirePool", "WireTimeout"]
 
 _MAX_HEAD = 64 * 1024  # status line and headers
 _MAX_BODY = 256 * 1024 * 1024
@@ -63,6 +63,38 @@ class Answer:
     def __init__(self, code: int, body: bytes) -> None:
         self.code = code
         self.body = body
+
+
+class Pending(Deferred[Answer]):
+    """The Deferred of one request's answer, which its one waiter may take without a
+    callback chain.
+
+    A driver that awaits it directly (``vibed.api.direct``, resuming a coroutine that
+    yielded it) sets ``resume``: the result (the Answer, or a Failure) is then handed to that
+    one function as the Deferred fires, with ``called`` and ``result`` set first (the
+    coroutine's ``await``, resumed, reads ``result`` as it does for any Deferred). That is
+    one call where ``callback`` runs ``_startRunCallbacks`` and ``_runCallbacks`` and the
+    driver's ``addBoth`` has added a callback before. Without ``resume``, with callbacks
+    added, paused, or fired twice, it is an ordinary Deferred."""
+
+    resume: Callable[[Any], object] | None = None
+
+    def callback(self, result: Any) -> None:
+        resume = self.resume
+        if resume is None or self.called or self.paused or self._callbacks:
+            self._startRunCallbacks(result)
+            return
+        self.called = True
+        self._canceller = None
+        self.result = result
+        resume(result)
+
+    def errback(self, fail: Failure | BaseException | None = None) -> None:
+        if fail is None:
+            fail = Failure()
+        elif not isinstance(fail, Failure):
+            fail = Failure(fail)
+        self.callback(fail)
 
 
 class BadAnswer(ierror.ConnectionLost):
@@ -116,7 +148,7 @@ class _Connection(Protocol):
         self.head_only = head_only
         self.received_any = False
         self.retry = data if retry else None
-        self.waiting = Deferred(self._cancel)
+        self.waiting = Pending(self._cancel)
         self.deadline = deadline
         if deadline is not None:
             timer = self._timer
