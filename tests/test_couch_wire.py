@@ -376,3 +376,30 @@ def test_pending_awaited_by_twisted_coroutines() -> None:
     assert not done.called
     waiting.callback("answer")
     assert done.result == "answer"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_reads_straight_from_its_socket_and_hears_its_end() -> None:
+    """Once connected, the TCP connection hands its bytes to the pool's connection directly
+    (not through the endpoint's wrapper), and its end still reaches it: a connection the
+    server closes while idle is forgotten, and the next request goes out on a new one."""
+
+    class Kept(ScriptedServer):
+        protocols: list[Scripted] = []
+
+        def buildProtocol(self, addr: Any) -> Scripted:  # noqa: N802
+            protocol = super().buildProtocol(addr)
+            self.protocols.append(protocol)
+            return protocol
+
+    server = Kept(answered=10)
+    async with serving(server, couch_timeout=5) as couch:
+        assert await couch.info() == {"ok": True}
+        assert couch.wire is not None
+        (connection,) = couch.wire._idle
+        assert connection.transport.protocol is connection  # type: ignore[union-attr]
+        server.protocols[0].transport.loseConnection()  # type: ignore[union-attr]
+        await connection.lost
+        assert connection.closed and couch.wire._idle == [] and couch.wire._all == set()
+        assert await couch.info() == {"ok": True}
+        assert server.connections == 2

@@ -853,12 +853,12 @@ class VibeChannel(HTTPChannel):
         self._receivedHeaderCount = 0
         self._receivedHeaderSize = 0
         self._transferDecoder = None
-        self._disarm()
+        self._vibe_due = None  # (_disarm, inline)
         self._vibe_phase = "handling"
         if self.timeOut:
             self._savedTimeOut = self.setTimeout(None)
         self._handlingRequest = True
-        self.setRawMode()  # bytes arriving meanwhile wait in _dataBuffer (twisted's way)
+        self.line_mode = 0  # (setRawMode) bytes arriving meanwhile wait in _dataBuffer
         routes, matched = route
         try:
             routes.start(request, matched)
@@ -902,7 +902,25 @@ class VibeChannel(HTTPChannel):
         if self._vibe_head is not None:  # a head with no body after it (never left unsent)
             self._vibe_flush([])
         self._vibe_phase = "idle"
-        super().requestDone(request)
+        # twisted.web's HTTPChannel.requestDone, inline (with setLineMode's, and no join of
+        # an empty _dataBuffer): every request ends here.
+        requests = self.requests
+        if request is not requests[0]:
+            raise TypeError
+        del requests[0]
+        if not self._waitingForTransport:
+            self._networkProducer.resumeProducing()
+        if self.persistent:
+            self._handlingRequest = False
+            if self._savedTimeOut:
+                self.setTimeout(self._savedTimeOut)
+            self.line_mode = 1
+            if self._dataBuffer:  # bytes that came while the request was handled
+                data = b"".join(self._dataBuffer)
+                self._dataBuffer = []
+                self.dataReceived(data)
+        else:
+            self.loseConnection()
         if self._vibe_phase != "idle":
             return
         if self._buffer:

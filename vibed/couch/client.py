@@ -322,35 +322,6 @@ class CouchServer:
             headers.setRawHeaders(b"Authorization", [b"Basic " + token])
         return headers
 
-    def _send(
-        self, wire: WirePool, method: str, path: str, params: Mapping[str, str], body: Any
-    ) -> Deferred[Any]:
-        """Start a request on the lean path; the Deferred fires with the whole Answer."""
-        target = path + _query(params) if params else path
-        try:
-            raw_target = target.encode("ascii")
-        except UnicodeEncodeError:
-            raw_target = quote(target, safe="/?&=%:@!$'()*+,;-._~").encode("ascii")
-        head = method.encode("ascii") + b" " + self._wire_prefix + raw_target + b" HTTP/1.1\r\n"
-        if body is _NOTHING:
-            data = head + self._wire_headers + b"\r\n"
-        else:
-            payload = jsonfast.dumps(body).encode("utf-8")
-            data = (
-                head
-                + self._wire_headers
-                + b"Content-Type: application/json\r\nContent-Length: "
-                + str(len(payload)).encode("ascii")
-                + b"\r\n\r\n"
-                + payload
-            )
-        return wire.request(
-            data,
-            head_only=method == "HEAD",
-            retry=method in ("GET", "HEAD"),
-            timeout=self.timeout,
-        )
-
     def _open(self, method: str, path: str, params: Mapping[str, str], body: Any) -> Deferred[Any]:
         """Start a request; the Deferred fires with the (unbuffered) response."""
         data = None if body is _NOTHING else json.dumps(body).encode("utf-8")
@@ -455,8 +426,32 @@ class CouchServer:
     async def _request_wire(
         self, wire: WirePool, method: str, path: str, params: Mapping[str, str], body: Any
     ) -> Any:
+        """``request`` on the lean path: the request's bytes, written whole, and its Answer."""
+        target = path + _query(params) if params else path
         try:
-            answer = await self._send(wire, method, path, params, body)
+            raw_target = target.encode("ascii")
+        except UnicodeEncodeError:
+            raw_target = quote(target, safe="/?&=%:@!$'()*+,;-._~").encode("ascii")
+        head = method.encode("ascii") + b" " + self._wire_prefix + raw_target + b" HTTP/1.1\r\n"
+        if body is _NOTHING:
+            data = head + self._wire_headers + b"\r\n"
+        else:
+            payload = jsonfast.dumps(body).encode("utf-8")
+            data = (
+                head
+                + self._wire_headers
+                + b"Content-Type: application/json\r\nContent-Length: "
+                + str(len(payload)).encode("ascii")
+                + b"\r\n\r\n"
+                + payload
+            )
+        try:
+            answer = await wire.request(
+                data,
+                head_only=method == "HEAD",
+                retry=method in ("GET", "HEAD"),
+                timeout=self.timeout,
+            )
         except WireTimeout:
             raise CouchUnavailable(0, "timeout", f"no answer within {self.timeout:g} s") from None
         except _TRANSPORT_ERRORS as exc:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
@@ -31,6 +31,7 @@ from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
+    _WrappingProtocol,
     wrapClientTLS,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -55,14 +56,14 @@ _FRAMING = re.compile(
 )
 
 
-class Answer:
+class Answer(NamedTuple):
     """A complete answer: ``code`` and the ``body`` bytes."""
 
-    __slots__ = ("body", "code")
+    code: int
+    body: bytes
 
-    def __init__(self, code: int, body: bytes) -> None:
-        self.code = code
-        self.body = body
+
+_new_answer = tuple.__new__  # (an Answer made without NamedTuple's Python-level __new__)
 
 
 class Pending(Deferred[Answer]):
@@ -329,7 +330,7 @@ class _Connection(Protocol):
 
     def _finish(self) -> None:
         waiting, self.waiting = self.waiting, None
-        answer = Answer(self._code, b"".join(self._chunks))
+        answer = _new_answer(Answer, (self._code, b"".join(self._chunks)))
         keep = self._keep and not self.closed
         self._reset()
         if keep:
@@ -467,6 +468,13 @@ class WirePool:
     async def _connect(self) -> _Connection:
         connection: _Connection = await self._endpoint.connect(self._factory)
         self._all.add(connection)
+        # The endpoint's wrapper only passes every call on once connected: the TCP
+        # connection may hand its bytes and its end to ours directly (over TLS it is the
+        # TLS protocol's, which stays).
+        transport: Any = connection.transport
+        wrapper = getattr(transport, "protocol", None)
+        if type(wrapper) is _WrappingProtocol and wrapper._wrappedProtocol is connection:
+            transport.protocol = connection
         return connection
 
     def _release(self, connection: _Connection) -> None:
