@@ -142,6 +142,7 @@ image:
 
 $(INFRA_VENV)/.installed: tests_infra/requirements.txt tests_infra/constraints.txt
 	$(PYTHON) -m venv $(INFRA_VENV)
+	$(INFRA_VENV)/bin/pip install --upgrade --quiet pip
 	$(INFRA_VENV)/bin/pip install --quiet -c tests_infra/constraints.txt -r tests_infra/requirements.txt
 	touch $@
 
