@@ -3,7 +3,7 @@
 # built with PGO and LTO, which the image runs too: the daemon uses 10-30 % less CPU per
 # request on it than on a CPython built without them, such as pyenv's default), else python3.
 ifndef PYTHON
-PYTHON := $(or $(shell for p in /usr/bin/python3.11 python3; do $$p -c 'import ensurepip; import sys; assert sys.hexversion >= 0x30B0000' 2>/dev/null && { echo $$p; break; }; done),python3)
+PYTHON := $(or $(shell for p in /usr/bin/python3.11 python3; do $$p -c 'import ensurepip' 2>/dev/null && { echo $$p; break; }; done),python3)
 endif
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -20,7 +20,7 @@ CHROMIUM ?= /usr/bin/chromium
 
 # Stamp files make the install idempotent: re-run only when the inputs change.
 $(VENV)/.installed: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --clear $(VENV)
 	$(PIP) install --upgrade --quiet pip
 	# compat mode puts the checkout on sys.path, so twistd's plugin scan finds twisted/plugins/.
 	$(PIP) install --quiet -c constraints.txt --config-settings editable_mode=compat -e '.[test,bench]'
@@ -43,7 +43,7 @@ install: $(VENV)/.installed node_modules/.installed
 # about two minutes. A full `make install` already satisfies it.
 $(VENV)/.runtime: pyproject.toml constraints.txt
 	@if [ $(VENV)/.installed -nt pyproject.toml ] && [ $(VENV)/.installed -nt constraints.txt ]; then :; else \
-	  $(PYTHON) -m venv $(VENV) && \
+	  $(PYTHON) -m venv --clear $(VENV) && \
 	  $(PIP) install --quiet -c constraints.txt --config-settings editable_mode=compat -e . ; fi
 	touch $@
 
@@ -141,7 +141,7 @@ image:
 	@$(PODMAN_ENV) podman image prune -f --filter until=72h >/dev/null
 
 $(INFRA_VENV)/.installed: tests_infra/requirements.txt tests_infra/constraints.txt
-	$(PYTHON) -m venv $(INFRA_VENV)
+	$(PYTHON) -m venv --clear $(INFRA_VENV)
 	$(INFRA_VENV)/bin/pip install --upgrade --quiet pip
 	$(INFRA_VENV)/bin/pip install --quiet -c tests_infra/constraints.txt -r tests_infra/requirements.txt
 	touch $@

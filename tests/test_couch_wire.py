@@ -337,9 +337,11 @@ def test_pending_without_resume_is_an_ordinary_deferred() -> None:
 def test_pending_with_resume_hands_over_its_result_once() -> None:
     resumed: list[object] = []
     waiting: Pending = Pending()
-    waiting.resume = resumed.append
+    # (what a resumed await reads: called, and the result, already set)
+    waiting.resume = lambda result: resumed.append((result, waiting.called, waiting.result))
     waiting.callback("answer")
-    assert resumed == ["answer"] and waiting.called and waiting.result == "answer"
+    assert resumed == [("answer", True, "answer")] and waiting.result is None
+    resumed.clear()
     with pytest.raises(AlreadyCalledError):
         waiting.callback("again")
     failing: Pending = Pending()
@@ -353,15 +355,49 @@ def test_pending_with_resume_hands_over_its_result_once() -> None:
 
 
 def test_pending_with_resume_and_callbacks_runs_the_chain() -> None:
-    """Another waiter's callbacks are never skipped: the chain runs, and resume is not
-    called."""
+    """Another waiter's callbacks are never skipped, nor is the driver: its resume runs
+    first in the chain (where its addBoth would have put it), then the others get what it
+    returned, as before."""
     resumed: list[object] = []
     chained: list[object] = []
     waiting: Pending = Pending()
     waiting.resume = resumed.append
     waiting.addCallback(chained.append)
     waiting.callback("answer")
-    assert chained == ["answer"] and resumed == []
+    assert resumed == ["answer"] and chained == [None]
+    paused: Pending = Pending()
+    paused.resume = resumed.append
+    paused.pause()
+    paused.callback("later")
+    assert resumed == ["answer"]
+    paused.unpause()
+    assert resumed == ["answer", "later"]
+
+
+def test_pending_contains_an_error_of_resume_and_lets_go_of_its_result() -> None:
+    """What resume raises is logged, not raised into whatever fired the answer (the
+    connection reading CouchDB's bytes); the result is not kept once handed over."""
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)  # type: ignore[arg-type]
+    try:
+
+        def broken(result: object) -> None:
+            raise RuntimeError("bug")
+
+        waiting: Pending = Pending()
+        waiting.resume = broken
+        waiting.callback("answer")  # does not raise
+        failing: Pending = Pending()
+        failing.resume = lambda result: None
+        failing.errback(ValueError("no"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)  # type: ignore[arg-type]
+    logged = [e["log_failure"].type for e in events if e.get("log_failure") is not None]
+    assert logged == [RuntimeError]
+    assert waiting.called and waiting.result is None
+    assert failing.called and failing.result is None
 
 
 def test_pending_awaited_by_twisted_coroutines() -> None:

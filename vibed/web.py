@@ -902,8 +902,8 @@ class VibeChannel(HTTPChannel):
         if self._vibe_head is not None:  # a head with no body after it (never left unsent)
             self._vibe_flush([])
         self._vibe_phase = "idle"
-        # twisted.web's HTTPChannel.requestDone, inline (with setLineMode's, and no join of
-        # an empty _dataBuffer): every request ends here.
+        # twisted.web's HTTPChannel.requestDone, inline, with setLineMode's: every request
+        # ends here.
         requests = self.requests
         if request is not requests[0]:
             raise TypeError
@@ -915,10 +915,12 @@ class VibeChannel(HTTPChannel):
             if self._savedTimeOut:
                 self.setTimeout(self._savedTimeOut)
             self.line_mode = 1
-            if self._dataBuffer:  # bytes that came while the request was handled
-                data = b"".join(self._dataBuffer)
+            buffered = self._dataBuffer  # bytes that came while the request was handled
+            if buffered:  # (a body's end leaves b"" here)
                 self._dataBuffer = []
-                self.dataReceived(data)
+                data = b"".join(buffered)
+                if data:
+                    self.dataReceived(data)
         else:
             self.loseConnection()
         if self._vibe_phase != "idle":

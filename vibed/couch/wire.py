@@ -25,16 +25,17 @@ import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from twisted.internet import endpoints
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    _WrappingProtocol,
     wrapClientTLS,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from vibed.web import send_now
@@ -63,6 +64,10 @@ class Answer(NamedTuple):
     body: bytes
 
 
+_log = Logger()
+#: twisted's endpoint wrapper, which a pool connection's TCP connection can do without (a
+#: private name: if it ever goes, connections keep it).
+_WRAPPER: Any = getattr(endpoints, "_WrappingProtocol", None)
 _new_answer = tuple.__new__  # (an Answer made without NamedTuple's Python-level __new__)
 
 
@@ -73,22 +78,33 @@ class Pending(Deferred[Answer]):
     A driver that awaits it directly (``vibed.api.direct``, resuming a coroutine that
     yielded it) sets ``resume``: the result (the Answer, or a Failure) is then handed to that
     one function as the Deferred fires, with ``called`` and ``result`` set first (the
-    coroutine's ``await``, resumed, reads ``result`` as it does for any Deferred). That is
+    coroutine's ``await``, resumed, reads ``result`` as it does for any Deferred), and
+    ``result`` let go of afterwards (as the driver's callback returning None did). That is
     one call where ``callback`` runs ``_startRunCallbacks`` and ``_runCallbacks`` and the
-    driver's ``addBoth`` has added a callback before. Without ``resume``, with callbacks
-    added, paused, or fired twice, it is an ordinary Deferred."""
+    driver's ``addBoth`` has added a callback before. If anything else added callbacks, or
+    it is paused, ``resume`` runs first in the chain, where that ``addBoth`` would have put
+    it. Without ``resume`` it is an ordinary Deferred."""
 
     resume: Callable[[Any], object] | None = None
 
     def callback(self, result: Any) -> None:
         resume = self.resume
-        if resume is None or self.called or self.paused or self._callbacks:
-            self._startRunCallbacks(result)
-            return
-        self.called = True
-        self._canceller = None
-        self.result = result
-        resume(result)
+        if resume is not None and not self.called:
+            self.resume = None
+            if not (self.paused or self._callbacks):
+                self.called = True
+                self._canceller = None
+                self.result = result
+                try:
+                    resume(result)
+                except BaseException:  # (a callback's error would stay in its Deferred)
+                    _log.failure("resuming the request waiting for CouchDB's answer")
+                # Read by now; a Failure kept here would hold the frames it was thrown into.
+                self.result = None
+                return
+            call: Any = (resume, (), {})
+            self._callbacks.insert(0, (call, call))
+        self._startRunCallbacks(result)
 
     def errback(self, fail: Failure | BaseException | None = None) -> None:
         if fail is None:
@@ -472,8 +488,8 @@ class WirePool:
         # connection may hand its bytes and its end to ours directly (over TLS it is the
         # TLS protocol's, which stays).
         transport: Any = connection.transport
-        wrapper = getattr(transport, "protocol", None)
-        if type(wrapper) is _WrappingProtocol and wrapper._wrappedProtocol is connection:
+        wrapper: Any = getattr(transport, "protocol", None)
+        if type(wrapper) is _WRAPPER and wrapper._wrappedProtocol is connection:
             transport.protocol = connection
         return connection
 
