@@ -1,6 +1,6 @@
 # vibed: `make run` starts the daemon with its embedded defaults; `make test` runs everything CI runs.
 # The venv's interpreter: the system's CPython 3.11 where it has one with venv (Debian 12's,
-# built with PGO and LTO, which the image runs too: the daemon uses 10-30 % less CPU per
+# built with PGO and LTO, which the image runs too: the daemon uses 9-15 % less CPU per
 # request on it than on a CPython built without them, such as pyenv's default), else python3.
 ifndef PYTHON
 PYTHON := $(or $(shell for p in /usr/bin/python3.11 python3; do $$p -c 'import ensurepip' 2>/dev/null && { echo $$p; break; }; done),python3)
