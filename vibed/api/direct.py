@@ -122,7 +122,8 @@ class _Answer:
     in a Deferred, copy a context and run a Deferred's callback chain for each await; and it
     is told of the request's end by being one of the request's notifications, where
     ``notifyFinish`` would make another Deferred. The handlers await only Deferreds (the
-    CouchDB client's answers): each one awaited is resumed from by one callback. When the
+    CouchDB client's answers): each one awaited is resumed from by one callback, or, for the
+    wire client's ``Pending``, by its ``resume`` without a callback chain. When the
     client goes away first, the Deferred being awaited is cancelled (the handler meets
     ``CancelledError``) and whatever it answers is dropped, as before."""
 
