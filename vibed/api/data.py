@@ -222,16 +222,14 @@ class DataAPI:
     @app.route("/<collection>/_index", methods=["GET"])
     async def list_indexes(self, request: IRequest, collection: str) -> bytes:
         idn, name = self._authorize(request, collection, "read")
-        if getattr(request, "args", None):  # (the usual request has none: no call)
-            _params(request, ())
+        _params(request, ())
         indexes = await _couch(self.service.list_indexes(idn, name))
         return json_response(request, {"indexes": indexes})
 
     @app.route("/<collection>/_index", methods=["POST"])
     async def create_index(self, request: IRequest, collection: str) -> bytes:
         idn, name = self._authorize(request, collection, "write")
-        if getattr(request, "args", None):  # (the usual request has none: no call)
-            _params(request, ())
+        _params(request, ())
         fields = parse_index_fields(read_json_object(request))
         result = await _couch(self.service.create_index(idn, name, fields))
         return json_response(request, result, 201 if result["result"] == "created" else 200)

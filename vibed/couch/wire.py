@@ -371,12 +371,8 @@ class _Connection(Protocol):
 
     def _answer_again(self, result: Answer | Failure, waiting: Deferred[Answer]) -> None:
         self.again = None
-        if waiting.called:
-            return
-        if isinstance(result, Failure):
-            waiting.errback(result)
-        else:
-            waiting.callback(result)
+        if not waiting.called:
+            waiting.callback(result)  # (a Failure fails it, as errback would)
 
     def _drop(self) -> None:
         self.closed = True
